@@ -1,0 +1,125 @@
+"""`llava-train`: train, export, generate, demo.
+
+The same entry point serves `llava-train ...`, `torchrun -m llava_train ...` and the
+`deepspeed` launcher (whose `--local_rank` argument is accepted and ignored: the rank
+comes from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run a recipe")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=2e-5")
+    train.add_argument("--resume", default=None, help="`auto` (newest complete checkpoint) or a checkpoint path")
+
+    export = sub.add_parser("export", help="write a Hugging Face Llava folder from a checkpoint")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+
+    gen = sub.add_parser("generate", help="answer a prompt about an image")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="build the coloured-shapes data, train pretrain + sft, report accuracy")
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "train":
+        return _train(args)
+    if args.command == "export":
+        from llava_train.model.export import export_checkpoint
+
+        print(f"exported to {export_checkpoint(args.checkpoint, args.out)}")
+        return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "demo":
+        from llava_train.demo import run_demo
+
+        run_demo(args.workdir, quick=args.quick)
+        return 0
+    return 2
+
+
+def _train(args) -> int:
+    from llava_train.recipe import RecipeError, load_recipe
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+    except RecipeError as exc:
+        print(f"recipe error: {exc}", file=sys.stderr)
+        return 2
+    from llava_train.train.checkpoint import CheckpointError
+    from llava_train.train.trainer import train
+
+    try:
+        result = train(recipe)
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"done: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
+    return 0
+
+
+def _generate(args) -> int:
+    from pathlib import Path
+
+    import yaml
+    from PIL import Image
+
+    from llava_train.generate import Answerer, DecodeOptions
+    from llava_train.model.io import load_model_files
+
+    model, tokenizer = load_model_files(args.checkpoint)
+    recipe_file = Path(args.checkpoint) / "recipe.yaml"
+    data = yaml.safe_load(recipe_file.read_text())["data"] if recipe_file.is_file() else {}
+    answerer = Answerer(model, tokenizer, data.get("template", "vicuna_v1"), data.get("image_mode", "pad"))
+    image = Image.open(args.image) if args.image else None
+    options = DecodeOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    print(answerer.answer([args.prompt], [image], options)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

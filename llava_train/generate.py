@@ -1,0 +1,69 @@
+"""Answer questions about images with a trained checkpoint (greedy or sampled, KV-cached).
+
+Decoding is delegated to the LM's own `generate` over `inputs_embeds`, which keeps a
+KV cache; the multimodal part only builds the prompt embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from llava_train.data.batch import IGNORE_INDEX, Example
+from llava_train.data.collate import collate
+from llava_train.data.images import ImageProcessor
+from llava_train.data.templates import get_template
+from llava_train.model.mllm import MultimodalLM
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Answerer:
+    def __init__(self, model: MultimodalLM, tokenizer, template: str = "vicuna_v1", image_mode: str = "pad"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer)
+        self.images = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
+
+    def prompt_embeddings(self, prompts: list[str], images: list[Image.Image | None]):
+        """Left-padded prompt embeddings and attention mask for a batch of questions."""
+        rows = []
+        for prompt, image in zip(prompts, images):
+            ids = self.template.prompt_ids(prompt, self.model.tokens_per_image, has_image=image is not None)
+            pixels = [self.images(image)] if image is not None else []
+            example = Example(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), images=pixels)
+            batch = collate([example], self.tokenizer.pad_token_id, self.model.image_token_id)
+            rows.append(self.model.embed(batch)[0])
+        width = max(row.shape[0] for row in rows)
+        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            embeds[i, width - row.shape[0] :] = row
+            mask[i, width - row.shape[0] :] = 1
+        return embeds, mask
+
+    @torch.no_grad()
+    def answer(self, prompts: list[str], images: list[Image.Image | None], options: DecodeOptions) -> list[str]:
+        embeds, mask = self.prompt_embeddings(prompts, images)
+        sampling = options.temperature > 0
+        generator_kwargs = {"temperature": options.temperature, "top_p": options.top_p} if sampling else {}
+        torch.manual_seed(options.seed)
+        out = self.model.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=sampling,
+            eos_token_id=self.template.stop_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            **generator_kwargs,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]

@@ -1,0 +1,128 @@
+"""Build the multimodal model from a recipe: local pretrained folders or config dicts, never a hub."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from llava_train.data.templates import IMAGE_TOKEN, ensure_image_token
+from llava_train.model.connectors import build_connector
+from llava_train.model.mllm import MultimodalLM
+from llava_train.model.stages import StagePreset, resolve_stage
+from llava_train.model.vision import VisionTower, build_vision_encoder
+from llava_train.recipe import LoraConfig, ModelConfig, StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_image_token(tokenizer)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked and unsupervised, so any token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def build_language_model(path: str | None, config: dict | PretrainedConfig | None, attn: str) -> nn.Module:
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    if isinstance(config, dict):
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.lm.config needs a `model_type` (e.g. llama, qwen2)")
+        config = AutoConfig.for_model(model_type, **config)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> MultimodalLM:
+    """Vision tower + connector + LM, with the LM's vocabulary grown to fit the tokenizer."""
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    encoder = build_vision_encoder(cfg.vision.path, cfg.vision.config, attn)
+    vision = VisionTower(encoder, cfg.vision.feature_layer, cfg.vision.use_cls)
+    lm = build_language_model(cfg.lm.path, cfg.lm.config, attn)
+    return assemble(vision, lm, tokenizer, cfg.connector.type, cfg.connector.options)
+
+
+def assemble(vision: VisionTower, lm: nn.Module, tokenizer, connector_type: str, connector_options: dict):
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer))
+    connector = build_connector(
+        connector_type,
+        vision_hidden=vision.hidden_size,
+        lm_hidden=lm.config.hidden_size,
+        num_features=vision.num_features,
+        **connector_options,
+    )
+    return MultimodalLM(vision, connector, lm, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    if requested == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            log.warning("flash_attention_2 requested but flash-attn is not installed; falling back to sdpa")
+            return "sdpa"
+    return requested
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def apply_stage(model: MultimodalLM, stage: StageConfig) -> StagePreset:
+    """Freeze/unfreeze parts per the stage preset; wrap the LM in LoRA adapters for `sft_lora`."""
+    preset = resolve_stage(stage)
+    model.vision.requires_grad_(preset.vision)
+    model.connector.requires_grad_(preset.connector)
+    model.lm.requires_grad_(preset.lm and not preset.lora)
+    if preset.lora and preset.lm:
+        model.lm = add_lora(model.lm, stage.lora)
+    return preset
+
+
+def lora_target_names(lm: nn.Module, suffixes: list[str]) -> list[str]:
+    """Full module names inside the LM whose last component is a target suffix.
+
+    peft receives full names, so nothing outside the decoder (never the vision tower,
+    never the LM head) can be matched by accident.
+    """
+    head = lm.get_output_embeddings()
+    names = [
+        name
+        for name, module in lm.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and name.rsplit(".", 1)[-1] in suffixes
+    ]
+    if not names:
+        raise ValueError(f"stage.lora.target_modules {suffixes} match no Linear layer of the LM")
+    return names
+
+
+def add_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=lora_target_names(lm, cfg.target_modules),
+        bias="none",
+    )
+    return get_peft_model(lm, peft_cfg)
+
+
+def merge_lora(model: MultimodalLM) -> MultimodalLM:
+    """Fold LoRA adapters into the LM weights (for export and generation)."""
+    if hasattr(model.lm, "merge_and_unload"):
+        model.lm = model.lm.merge_and_unload()
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

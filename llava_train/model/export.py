@@ -1,0 +1,80 @@
+"""Export a checkpoint into a Hugging Face `LlavaForConditionalGeneration` folder.
+
+The mlp connector's parameters already carry transformers' projector names, and the
+tower and LM are plain HF modules, so export copies module state dicts; no key renaming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from llava_train.data.images import ImageProcessor
+from llava_train.model.io import load_model_files
+from llava_train.model.mllm import MultimodalLM
+
+SUPPORTED_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+def to_hf_llava(model: MultimodalLM) -> LlavaForConditionalGeneration:
+    check_exportable(model)
+    vision_cfg, text_cfg = model.vision.config, model.lm.config
+    config = LlavaConfig(
+        vision_config=vision_cfg.to_dict(),
+        text_config=text_cfg.to_dict(),
+        image_token_id=model.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=model.vision.feature_layer,
+        # "default" drops the first (CLS) token; towers without CLS keep every patch.
+        vision_feature_select_strategy="default" if model.vision.has_cls_token and not model.vision.use_cls else "full",
+        image_seq_length=model.tokens_per_image,
+        multimodal_projector_bias=model.connector.linear_1.bias is not None,
+        tie_word_embeddings=getattr(text_cfg, "tie_word_embeddings", False),
+    )
+    hf = LlavaForConditionalGeneration(config).eval()
+    hf.model.vision_tower.load_state_dict(model.vision.encoder.state_dict())
+    hf.model.multi_modal_projector.load_state_dict(model.connector.state_dict())
+    hf.model.language_model.load_state_dict(model.lm.get_decoder().state_dict())
+    hf.lm_head.load_state_dict(model.lm.get_output_embeddings().state_dict())
+    return hf
+
+
+def check_exportable(model: MultimodalLM) -> None:
+    tower = model.vision.config.model_type
+    if tower not in SUPPORTED_TOWERS:
+        raise ValueError(f"export supports vision towers {SUPPORTED_TOWERS}; this one is `{tower}`")
+    if type(model.connector).__name__ != "MLPConnector":
+        raise ValueError(
+            f"export to transformers' Llava needs the `mlp` connector; this model uses {type(model.connector).__name__}"
+        )
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, image_mode: str = "resize") -> Path:
+    """Write `out_dir` loadable by `LlavaForConditionalGeneration.from_pretrained` (safetensors)."""
+    model, tokenizer = load_model_files(checkpoint, merge=True)
+    hf = to_hf_llava(model)
+    out_dir = Path(out_dir)
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    processor = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": processor.size},
+        crop_size={"height": processor.size, "width": processor.size},
+        image_mean=list(processor.mean),
+        image_std=list(processor.std),
+    )
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=model.vision.config.patch_size,
+        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(model.vision.has_cls_token),
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def hf_logits(hf: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values) -> torch.Tensor:
+    return hf(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits

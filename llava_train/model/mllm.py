@@ -1,0 +1,91 @@
+"""The assembled multimodal LM: vision tower -> connector -> any HF causal LM via `inputs_embeds`."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from llava_train.data.batch import Batch
+from llava_train.model.aux import AuxLosses
+from llava_train.model.vision import VisionTower
+
+
+class MultimodalLM(nn.Module):
+    """Vision tower, connector and language model; no per-family LM subclass.
+
+    `forward` returns the LM's last hidden states; objectives turn them into losses
+    (so no `[tokens, vocab]` logits are ever materialised here).
+    """
+
+    def __init__(self, vision: VisionTower, connector: nn.Module, lm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.lm = lm
+        self.image_token_id = image_token_id
+        self.aux = AuxLosses()  # attached modules report auxiliary losses here
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.connector.num_output_tokens
+
+    @property
+    def output_embeddings(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.lm.get_decoder()
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "connector": self.connector, "lm": self.lm}
+
+    # ------------------------------------------------------------------ forward
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, tokens_per_image, lm_hidden]. A frozen tower keeps no activations."""
+        tower_trains = any(p.requires_grad for p in self.vision.parameters())
+        context = contextlib.nullcontext() if tower_trains else torch.no_grad()
+        with context:
+            features = self.vision(pixel_values)
+        return self.connector(features)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Token embeddings with each image's visual tokens written over its placeholder span."""
+        embeds = self.lm.get_input_embeddings()(batch.input_ids)
+        image_slots = batch.input_ids == self.image_token_id
+        if batch.pixel_values is None:
+            # Run the tower on a dummy image with zero weight, so every rank takes the same
+            # path: under ZeRO-3 a rank that skipped the tower would hang its peers' gathers.
+            dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, device=embeds.device)
+            visual = self.encode_images(dummy.to(self._vision_dtype()))
+            if image_slots.any():
+                raise ValueError("batch has <image> placeholder tokens but no pixel_values")
+            return embeds + 0.0 * visual.sum().to(embeds.dtype)
+        visual = self.encode_images(batch.pixel_values.to(self._vision_dtype()))
+        expected = visual.shape[0] * visual.shape[1]
+        found = int(image_slots.sum())
+        if found != expected:
+            raise ValueError(
+                f"batch has {found} <image> placeholder tokens but {visual.shape[0]} images x "
+                f"{visual.shape[1]} tokens = {expected}; expand each <image> to the connector's token count"
+            )
+        return embeds.masked_scatter(image_slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Last hidden states [B, T, D] of the LM."""
+        embeds = self.embed(batch)
+        out = self.decoder(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def _vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype

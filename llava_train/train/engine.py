@@ -1,0 +1,109 @@
+"""Distributed setup, parameter groups, optimizer, schedule and the DeepSpeed engine."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llava_train.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Join (or create) the process group. A plain `llava-train train` becomes a world of one.
+
+    torchrun and the deepspeed launcher both export RANK/WORLD_SIZE/MASTER_*; gloo serves
+    CPU runs, nccl GPU runs.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        device=device,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def param_groups(parts: dict[str, nn.Module], recipe: Recipe) -> list[dict]:
+    """One group per (part, decay/no-decay): per-part learning rates, no weight decay on norms/biases."""
+    groups = []
+    for part, module in parts.items():
+        lr = getattr(recipe.stage.lr, part) or recipe.train.lr
+        decay, no_decay = [], []
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if _is_norm_or_bias(param) else decay).append(param)
+        for params, wd, suffix in ((decay, recipe.train.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": part + suffix})
+    if not groups:
+        raise ValueError(
+            f"stage `{recipe.stage.name}` leaves nothing trainable; set stage.trainable.{{vision,connector,lm}}"
+        )
+    return groups
+
+
+def _is_norm_or_bias(param: torch.Tensor) -> bool:
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitions report their full shape here
+    return len(shape) < 2
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(groups: list[dict], recipe: Recipe):
+    optimizer = torch.optim.AdamW(groups, lr=recipe.train.lr, betas=recipe.train.betas)
+    total = recipe.train.max_steps
+    warmup = math.ceil(recipe.train.warmup_ratio * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, total, warmup, recipe.train.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def initialize_engine(module: nn.Module, optimizer, schedule, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    return engine
