@@ -21,22 +21,28 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def launch(recipe: dict, workdir: Path, nproc: int) -> dict[int, float]:
+def launch(recipe: dict, workdir: Path, nproc: int, launcher: str = "torchrun") -> dict[int, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     recipe_file = workdir / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "llava_train", "train", str(recipe_file)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+    else:  # the deepspeed launcher passes --local_rank, which the CLI accepts and ignores
+        port = str(29500 + os.getpid() % 1000)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", f"--master_port={port}"]
+        cmd += ["--module"]
+    cmd += ["llava_train", "train", str(recipe_file)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rows = [json.loads(line) for line in (workdir / "out" / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-def recipe_for(demo_data: Path, workdir: Path, micro: int, zero: int) -> dict:
+def recipe_for(demo_data: Path, workdir: Path, micro: int, zero: int, offload: bool = False) -> dict:
     recipe = tiny_recipe_dict(
-        demo_data, workdir / "out", max_steps=STEPS, micro_batch_size=micro, zero_stage=zero, log_every=1
+        demo_data, workdir / "out", max_steps=STEPS, micro_batch_size=micro, zero_stage=zero, log_every=1,
+        offload=offload,
     )
     recipe["data"]["eval"] = []
     return recipe
@@ -48,10 +54,13 @@ def single_process(demo_data, tmp_path_factory):
     return workdir, launch(recipe_for(demo_data, workdir, micro=8, zero=0), workdir, nproc=1)
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_ranks_match_one(demo_data, tmp_path, single_process, zero):
+@pytest.mark.parametrize(
+    "zero,offload,launcher", [(2, False, "deepspeed"), (3, False, "torchrun"), (3, True, "torchrun")]
+)
+def test_two_ranks_match_one(demo_data, tmp_path, single_process, zero, offload, launcher):
     reference_dir, reference = single_process
-    got = launch(recipe_for(demo_data, tmp_path, micro=4, zero=zero), tmp_path, nproc=2)
+    recipe = recipe_for(demo_data, tmp_path, micro=4, zero=zero, offload=offload)
+    got = launch(recipe, tmp_path, nproc=2, launcher=launcher)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Same samples and the same global token normalisation: only reduction order differs.
     for step, loss in reference.items():

@@ -107,6 +107,12 @@ class Trainer:
         optimizer, schedule = build_optimizer(groups, self.recipe)
         ds_config = build_ds_config(self.cfg, self.dist.world_size)
         module = ObjectiveModule(self.model, OBJECTIVES[self.recipe.stage.objective])
+        if self.cfg.zero_stage == 3:
+            # Losses read the LM head's weight directly (chunked, supervised positions only), outside
+            # the head's own forward: ZeRO-3 must gather it for the objective module's forward/backward.
+            from deepspeed.runtime.zero import register_external_parameter
+
+            register_external_parameter(module, self.model.output_embeddings.weight)
         if self._autocast:
             ds_config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
@@ -164,6 +170,7 @@ class Trainer:
         local_tokens = sum(b.num_supervised_tokens for b in micro_batches)
         global_tokens = max(1, int(_all_reduce_sum(torch.tensor(float(local_tokens)))))
         scale = d.world_size * cfg.grad_accum / global_tokens  # undoes DeepSpeed's mean over ranks x micro-steps
+        lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule advances inside engine.step)
         loss_sum = torch.zeros(())
         aux_totals: dict[str, float] = {}
         for batch in micro_batches:
@@ -185,7 +192,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "loss": float(_all_reduce_sum(loss_sum)) / global_tokens,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens * d.world_size / step_time,
             "samples_per_s": samples * d.world_size / step_time,
