@@ -134,3 +134,18 @@ def test_pretrained_parts_load_from_local_folders(tokenizer, tmp_path):
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(source.vision.state_dict().items(), loaded.vision.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("feature_layer", [-2, 1, -1])
+def test_tower_runs_only_the_layers_it_reads(tokenizer, feature_layer):
+    model = make_model(tokenizer, vision={**TINY_VISION, "num_hidden_layers": 3}, feature_layer=feature_layer)
+    pixels = torch.randn(2, 3, 32, 32)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in model.vision.encoder.encoder.layers]
+    features = model.vision(pixels)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == model.vision.layers_used == feature_layer % 4
+    full = model.vision.encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+    torch.testing.assert_close(features, full)
+    assert len(model.vision.encoder.encoder.layers) == 3  # nothing was removed for good

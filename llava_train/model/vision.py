@@ -55,12 +55,41 @@ class VisionTower(nn.Module):
     def image_size(self) -> int:
         return self.config.image_size
 
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers that feed the read-out layer; the rest would be wasted compute."""
+        num_layers = self.config.num_hidden_layers
+        return self.feature_layer % (num_layers + 1)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
-        features = out.hidden_states[self.feature_layer]
+        if self.config.model_type in DIRECT_TOWERS:
+            features = self._run_layer_prefix(pixel_values)
+        else:  # any other HF encoder: the generic (but full-depth) path
+            features = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[
+                self.feature_layer
+            ]
         if self.has_cls_token and not self.use_cls:
             features = features[:, 1:]
         return features
+
+    def _run_layer_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Embeddings and only the layers up to `feature_layer` (LLaVA's -2 skips the last layer).
+
+        Equals `hidden_states[feature_layer]` of the full encoder (the export test checks it
+        against transformers' Llava) without running layers whose output nobody reads.
+        """
+        hidden = self.encoder.embeddings(pixel_values)
+        pre_norm = getattr(self.encoder, "pre_layrnorm", None)  # CLIP normalises before layer 0
+        if pre_norm is not None:
+            hidden = pre_norm(hidden)
+        for layer in self.encoder.encoder.layers[: self.layers_used]:
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return hidden
+
+
+# Towers whose layer stack llava_train runs itself (embeddings -> [pre-norm] -> encoder.layers).
+DIRECT_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 def build_vision_encoder(path: str | None, config: dict | None, attn_implementation: str) -> nn.Module:
