@@ -1,5 +1,7 @@
 """Write samples as webdataset tar shards plus an `index.json` of per-shard sample counts.
 
+`ShardSink` fills shards one sample (list of tar members) at a time, for converters
+that hand over ready members; `write_shards` feeds it whole sample dicts.
 Tars are byte-for-byte reproducible (fixed mtime/owner/mode, members in input order),
 so re-running a data build gives identical files and identical checksums.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import tarfile
 from collections.abc import Iterable
@@ -21,6 +24,9 @@ from pathlib import Path
 from PIL import Image
 
 INDEX_FILE = "index.json"
+TAR_RECORD = 10240  # tarfile pads an archive to a multiple of this
+TAR_END = 1024  # two zero blocks close an archive
+MIN_SHARD_BYTES = TAR_RECORD  # the smallest tar file there is
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
@@ -38,30 +44,59 @@ def write_shards(
     """
     if max_samples_per_shard < 1:
         raise ValueError("max_samples_per_shard must be at least 1")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths, counts = [], []
-    shard, size, count = None, 0, 0
+    sink = ShardSink(Path(out_dir), prefix, max_samples_per_shard, max_bytes_per_shard)
     for index, sample in enumerate(samples):
-        members = sample_members(sample, key=f"{index:09d}")
-        sample_bytes = sum(_member_size(data) for _, data in members)
-        full = count >= max_samples_per_shard or (count and size + sample_bytes > max_bytes_per_shard)
-        if shard is None or full:
-            if shard is not None:
-                shard.close()
-                counts.append(count)
-            paths.append(out_dir / f"{prefix}-{len(paths):06d}.tar")
-            shard, size, count = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT), 0, 0
+        sink.add(sample_members(sample, key=f"{index:09d}"))
+    return [str(Path(out_dir) / shard["name"]) for shard in sink.close()]
+
+
+class ShardSink:
+    """`PREFIX-000000.tar`, ... filled in order. A shard closes when it holds `max_samples` or
+    the next sample would make the file exceed `max_bytes` (a single larger sample gets a
+    shard of its own)."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int):
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []
+        self._tar = None
+        self._size = 0
+
+    def add(self, members: list[tuple[str, bytes]]) -> None:
+        size = sum(_member_size(data) for _, data in members)
+        if self._tar is None or self._full(size):
+            self._open_next()
         for name, data in members:
-            _add_member(shard, name, data)
-        size, count = size + sample_bytes, count + 1
-    if shard is not None:
-        shard.close()
-        counts.append(count)
-    _remove_stale(out_dir, prefix, keep=len(paths))
-    index = {"shards": [{"name": p.name, "num_samples": n} for p, n in zip(paths, counts)]}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-    return [str(p) for p in paths]
+            _add_member(self._tar, name, data)
+        self._size += size
+        self.shards[-1]["num_samples"] += 1
+
+    def _full(self, size: int) -> bool:
+        if self.shards[-1]["num_samples"] >= self.max_samples:
+            return True
+        file_size = math.ceil((self._size + size + TAR_END) / TAR_RECORD) * TAR_RECORD
+        return file_size > self.max_bytes
+
+    def _open_next(self) -> None:
+        self._close_current()
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        self._size = 0
+        self.shards.append({"name": name, "num_samples": 0})
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def close(self) -> list[dict]:
+        """Finish the last shard, drop stale shards of an earlier larger run, write index.json."""
+        self._close_current()
+        _remove_stale(self.out_dir, self.prefix, keep=len(self.shards))
+        index = {"shards": self.shards}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        return self.shards
 
 
 def sample_members(sample: dict, key: str) -> list[tuple[str, bytes]]:

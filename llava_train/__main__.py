@@ -1,4 +1,6 @@
+import sys
+
 from llava_train.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())  # the exit code matters: launchers and sbatch read it (EXIT_PREEMPTED)

@@ -52,9 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser("bench", help="time a few steps of a recipe and split the step time")
+    bench.add_argument("recipe")
+    bench.add_argument("overrides", nargs="*")
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=2)
+
+    env = sub.add_parser("env", aliases=["doctor"], help="versions, accelerator, DeepSpeed ops, world size; "
+                         "warns about known-bad combinations (exit 1 if any)")
+    env.add_argument("recipe", nargs="?", help="also check this recipe against the machine")
+    env.add_argument("overrides", nargs="*")
+    env.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="build the coloured-shapes data, train pretrain + sft, report accuracy")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+
+    from data_tools.cli import add_data_commands  # argparse only; converters load on use
+
+    add_data_commands(sub)
     return parser
 
 
@@ -62,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train":
-        return _train(args)
+        from llava_train.train.preemption import record_exit_code
+
+        return record_exit_code(_train(args))  # for launchers behind torchrun, which reports only 0 or 1
+    if args.command in ("env", "doctor"):
+        from llava_train.env_report import run_env
+
+        return run_env(args.recipe, args.overrides, args.json)
     if args.command == "export":
         from llava_train.model.export import export_checkpoint
 
@@ -70,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        from llava_train.bench import print_summary, run_bench
+
+        print_summary(run_bench(args.recipe, args.overrides, args.steps, args.warmup))
+        return 0
+    if args.command == "data":
+        from data_tools.cli import run_data_command
+
+        return run_data_command(args)
     if args.command == "demo":
         from llava_train.demo import run_demo
 
@@ -90,16 +121,19 @@ def _train(args) -> int:
         print(f"recipe error: {exc}", file=sys.stderr)
         return 2
     from llava_train.train.checkpoint import CheckpointError
+    from llava_train.train.faults import NonFiniteLossError
+    from llava_train.train.preemption import EXIT_PREEMPTED
     from llava_train.train.trainer import train
 
     try:
         result = train(recipe)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"done: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
-    return 0
+        done = "preempted" if result.preempted else "done"
+        print(f"{done}: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
+    return EXIT_PREEMPTED if result.preempted else 0
 
 
 def _generate(args) -> int:

@@ -11,10 +11,10 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class RecipeError(ValueError):
@@ -44,18 +44,24 @@ class Section(BaseModel):
 # ----------------------------------------------------------------------------- model
 
 
-class VisionConfig(Section):
-    path: str | None = None  # local folder of a pretrained HF vision encoder (CLIP, SigLIP)
+class PretrainedSource(Section):
+    """A part built from a local pretrained folder or from an HF config dict (random init)."""
+
+    path: str | None = None  # local folder saved with save_pretrained (never a hub id)
     config: dict[str, Any] | None = None  # or an HF config dict (needs `model_type`)
-    feature_layer: int = -2  # hidden state index the connector reads (LLaVA uses the penultimate)
-    use_cls: bool = False  # keep the CLS token (CLIP) in the visual tokens
-    image_size: int | None = None  # defaults to the tower's config
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.path is None) == (self.config is None):
             raise ValueError("set exactly one of `path` (local pretrained folder) or `config` (HF config dict)")
         return self
+
+
+class VisionConfig(PretrainedSource):
+    """Any HF vision encoder (CLIP, SigLIP)."""
+
+    feature_layer: int = -2  # hidden state index the connector reads (LLaVA uses the penultimate)
+    use_cls: bool = False  # keep the CLS token (CLIP) in the visual tokens
 
 
 class ConnectorConfig(Section):
@@ -63,15 +69,8 @@ class ConnectorConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)  # connector-specific keyword arguments
 
 
-class LMConfig(Section):
-    path: str | None = None  # local folder of a pretrained AutoModelForCausalLM
-    config: dict[str, Any] | None = None  # or an HF config dict (needs `model_type`)
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.path is None) == (self.config is None):
-            raise ValueError("set exactly one of `path` (local pretrained folder) or `config` (HF config dict)")
-        return self
+class LMConfig(PretrainedSource):
+    """Any AutoModelForCausalLM that accepts inputs_embeds."""
 
 
 class ModelConfig(Section):
@@ -108,6 +107,15 @@ class LoraConfig(Section):
     )
 
 
+class LossConfig(Section):
+    """The LM head's cross-entropy (kernels.linear_cross_entropy); logits never exist for all tokens."""
+
+    chunk_size: int = Field(1024, gt=0)  # rows per [rows, vocab] fp32 logits block (512 MiB at 128k vocab)
+    label_smoothing: float = Field(0.0, ge=0, le=1)
+    z_loss: float = Field(0.0, ge=0)  # PaLM's z_loss * logsumexp(logits)^2 per token (1e-4 is typical)
+    backend: Literal["auto", "torch", "triton", "liger"] = "auto"  # auto: triton on CUDA, else torch
+
+
 class StageConfig(Section):
     name: Literal["pretrain", "sft", "sft_lora"] = "sft"
     trainable: Trainable = Field(default_factory=Trainable)
@@ -115,21 +123,81 @@ class StageConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     init_from: str | None = None  # a checkpoint folder (step-N) of an earlier stage
     objective: Literal["lm"] = "lm"
+    loss: LossConfig = Field(default_factory=LossConfig)
 
 
 # ----------------------------------------------------------------------------- data
 
 
+class SourceConfig(Section):
+    """One entry of a weighted mixture in data.train (like LLaVA-OneVision's data YAMLs)."""
+
+    name: str  # logged as data/source/<name>
+    paths: list[str]  # shard paths, globs or brace patterns of this source
+    weight: float = Field(1.0, gt=0)  # sampling weight; a sample comes from this source with weight / sum of weights
+
+
+def _has_sources(train) -> bool:
+    return isinstance(train, list) and any(isinstance(item, (dict, SourceConfig)) for item in train)
+
+
 class DataConfig(Section):
-    train: list[str]  # shard paths, globs or brace patterns (`shards-{000000..000127}.tar`)
+    # Shard paths, globs or brace patterns (`shards-{000000..000127}.tar`), read as one pool;
+    # or a weighted mixture: a list of {name, paths, weight}.
+    train: Annotated[
+        Annotated[list[str], Tag("paths")] | Annotated[list[SourceConfig], Tag("sources")],
+        Discriminator(lambda value: "sources" if _has_sources(value) else "paths"),
+    ]
     eval: list[str] = Field(default_factory=list)
     template: str = "vicuna_v1"  # plain | vicuna_v1 | llama3 | chatml | tokenizer
     system_prompt: str | None = None
     max_length: int = 2048
-    image_mode: Literal["resize", "pad"] = "pad"  # pad = pad-to-square with the mean (LLaVA-1.5)
+    # pad = pad-to-square with the mean (LLaVA-1.5); anyres = LLaVA-NeXT tiles + thumbnail (see anyres_grids)
+    image_mode: Literal["resize", "pad", "anyres"] = "pad"
+    anyres_grids: list[tuple[int, int]] = Field(default_factory=lambda: [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)])
     shuffle: bool = True
     num_workers: int = 0
     max_eval_samples: int | None = None
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)  # stop when more of the samples read are bad (after 200)
+    # Batching (llava_train/data/batching.py). Without any of these a micro-batch is train.micro_batch_size samples.
+    group_by_modality_length: bool = False  # image with image, text with text, similar lengths together
+    max_tokens_per_batch: int | None = Field(None, gt=0)  # token budget per micro-batch (rows x longest row)
+    packing: bool = False  # several samples per row, block-diagonal attention; train.micro_batch_size counts rows
+    max_tokens_per_row: int | None = Field(None, gt=0)  # row capacity when packing (default max_length)
+    batching_window: int = Field(256, gt=0)  # samples planned together; a resume re-reads at most this many
+
+    @model_validator(mode="after")
+    def _batching_fits(self):
+        if self.packing and self.group_by_modality_length:
+            raise ValueError(
+                "packing and group_by_modality_length do not combine (a packed row mixes samples anyway); "
+                "set one of them"
+            )
+        row = self.max_tokens_per_row or self.max_length
+        if self.max_tokens_per_row is not None and not self.packing:
+            raise ValueError("max_tokens_per_row only applies with packing: true; set packing or drop it")
+        if self.packing and row < self.max_length:
+            raise ValueError(
+                f"max_tokens_per_row={row} is below max_length={self.max_length}: the longest samples would not "
+                "fit in a row; raise max_tokens_per_row or lower max_length"
+            )
+        longest = row if self.packing else self.max_length
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < longest:
+            what = "max_tokens_per_row" if self.packing else "max_length"
+            raise ValueError(
+                f"max_tokens_per_batch={self.max_tokens_per_batch} is below {what}={longest}: a longest "
+                f"{'row' if self.packing else 'sample'} would not fit; raise max_tokens_per_batch to at least {longest}"
+            )
+        if len({s.name for s in self.sources}) != len(self.sources):
+            raise ValueError(f"data.train source names must be unique, got {[s.name for s in self.sources]}")
+        return self
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """data.train as sources; a plain list of paths is one source named `train`."""
+        if self.train and isinstance(self.train[0], SourceConfig):
+            return list(self.train)
+        return [SourceConfig(name="train", paths=list(self.train))]
 
 
 # ----------------------------------------------------------------------------- train
@@ -153,6 +221,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    max_bad_steps: int = Field(5, ge=1)  # stop after this many steps in a row with a non-finite loss (each is skipped)
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload: bool = False  # ZeRO CPU offload of optimizer states (and parameters under stage 3)
@@ -163,6 +232,7 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1)
     resume: str | None = None  # "auto" = newest complete checkpoint in output_dir, or a path
     progress_bar: bool = True
+    sync_timing: bool = False  # synchronise the GPU at phase boundaries for exact step-time splits (bench)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")

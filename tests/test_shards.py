@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from data_tools.shard_writer import write_shards
+from llava_train.data.health import TooMuchBadData
 from llava_train.data.images import decode_image
 from llava_train.data.shards import BadSample, ShardStream, build_loader, expand_urls, shard_sizes, skipped_counts
 
@@ -114,6 +116,13 @@ def test_resume_state_must_match_the_setup(uneven):
         ShardStream(uneven[:-1], sample_id, rank=0, world_size=2).load_state_dict(state)
 
 
+def test_a_state_from_another_worker_count_is_refused(uneven):
+    saved = build_loader(ShardStream(uneven, sample_id), 4, ids, num_workers=0)
+    next(iter(saved))
+    with pytest.raises(ValueError, match="data.num_workers=0, but this run has data.num_workers=2"):
+        build_loader(ShardStream(uneven, sample_id), 4, ids, num_workers=2).load_state_dict(saved.state_dict())
+
+
 def test_stream_and_worker_counts_are_checked(uneven):
     with pytest.raises(ValueError, match="divisible by the world size 3"):
         ShardStream(uneven, sample_id, world_size=3)
@@ -206,6 +215,53 @@ def test_a_stream_with_no_usable_sample_fails_loudly(tmp_path):
 
     with pytest.raises(RuntimeError, match="without a usable sample"):
         take(ShardStream(urls, reject), 1)
+
+
+def every_third_undecodable(raw: dict) -> str:
+    if int(raw["json"]["id"][1:]) % 3 == 0:
+        raise BadSample("undecodable image", "cannot identify image file")
+    return raw["json"]["id"]
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> list[str]:
+    """480 samples: with 2 workers each reads 240, past the 200 the bad fraction waits for."""
+    return write_shards((record(i) for i in range(480)), tmp_path_factory.mktemp("480"), max_samples_per_shard=30)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_too_much_bad_data_stops_with_the_counts_and_example_keys(many, num_workers):
+    stream = ShardStream(many, every_third_undecodable, shuffle=False, loop=False, max_bad_fraction=0.2)
+    with pytest.raises(TooMuchBadData) as caught:
+        list(build_loader(stream, 4, ids, num_workers=num_workers))
+    message = str(caught.value)
+    assert "data.max_bad_fraction=0.2" in message and "{'undecodable image': " in message
+    assert "shard-000000.tar/000000000 (undecodable image)" in message  # keys to look at
+    # a third is bad: within a limit of 0.4 the whole pass goes through
+    tolerant = ShardStream(many, every_third_undecodable, shuffle=False, loop=False, max_bad_fraction=0.4)
+    assert len(list(tolerant)) == 320 and tolerant.skipped == Counter({"undecodable image": 160})
+
+
+def test_the_bad_fraction_is_judged_only_after_enough_samples(many):
+    def first_hundred_bad(raw):
+        if int(raw["json"]["id"][1:]) < 100:
+            raise BadSample("missing image", "x")
+        return raw["json"]["id"]
+
+    early = ShardStream(many, first_hundred_bad, shuffle=False, loop=False, num_streams=1, max_bad_fraction=0.6)
+    assert len(list(early)) == 380  # 100 bad of the first 150 is 67%, but by sample 200 it is 50%...
+    strict = ShardStream(many, first_hundred_bad, shuffle=False, loop=False, num_streams=1, max_bad_fraction=0.45)
+    with pytest.raises(TooMuchBadData, match="100 of the 200 samples"):
+        list(strict)  # ...which a limit of 0.45 refuses at sample 200
+
+
+def test_each_skip_is_logged_with_its_key_but_rate_limited(many, caplog):
+    stream = ShardStream(many, every_third_undecodable, shuffle=False, loop=False, num_streams=1)
+    with caplog.at_level(logging.WARNING, logger="llava_train.data"):
+        assert len(list(stream)) == 320
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings[0].startswith("skipping sample shard-000000.tar/000000000: undecodable image")
+    assert 10 <= len(warnings) < 100  # a burst, then at most one per interval, not one per bad sample
 
 
 # ----------------------------------------------------------------------------- paths and writer

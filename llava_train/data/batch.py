@@ -2,12 +2,14 @@
 
 `Example` is one tokenised sample; `Batch` is what the model and objectives see.
 Token roles are first-class: every batch says, per token, whether it is text, an
-image token or padding, so modules (mixture-of-depths, Matryoshka, KD) read the
-roles instead of recomputing image spans.
+image token or padding, and which sample it belongs to (`sequence_ids`, also when
+several samples are packed into one row), so modules (mixture-of-depths, Matryoshka,
+KD) read the roles instead of recomputing image spans or sample boundaries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -32,6 +34,11 @@ class Example:
     images: list[torch.Tensor] = field(default_factory=list)
     key: str = ""
     meta: dict = field(default_factory=dict)
+    source: str = ""  # the data source (mixture entry) it came from
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.images)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,10 +50,12 @@ class Batch:
     labels: torch.Tensor  # [B, T] long, IGNORE_INDEX where unsupervised
     attention_mask: torch.Tensor  # [B, T] long, 1 = real token
     token_roles: torch.Tensor  # [B, T] int8, TokenRole values
-    position_ids: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long, restarting at 0 for each sample of a packed row; 0 on padding
     pixel_values: torch.Tensor | None  # [N_images, 3, H, W] or None
     image_sample_index: torch.Tensor  # [N_images] long: which row each image belongs to
-    keys: list[str] = field(default_factory=list)
+    sequence_ids: torch.Tensor  # [B, T] long: index (into `keys`) of the sample each token belongs to; -1 on padding
+    packed: bool = False  # some row holds several samples: attention must be block-diagonal
+    keys: list[str] = field(default_factory=list)  # one per sample, in sequence-id order
     meta: list[dict] = field(default_factory=list)
 
     @property
@@ -57,18 +66,17 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)  # rows count samples only when nothing is packed
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
-        pixels = self.pixel_values
-        if pixels is not None:
-            pixels = pixels.to(device=device, dtype=dtype or pixels.dtype)
-        return Batch(
-            input_ids=self.input_ids.to(device),
-            labels=self.labels.to(device),
-            attention_mask=self.attention_mask.to(device),
-            token_roles=self.token_roles.to(device),
-            position_ids=self.position_ids.to(device),
-            pixel_values=pixels,
-            image_sample_index=self.image_sample_index.to(device),
-            keys=self.keys,
-            meta=self.meta,
-        )
+        """Tensors to `device`; `dtype` applies to the pixels only."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        if self.pixel_values is not None:
+            moved["pixel_values"] = self.pixel_values.to(device=device, dtype=dtype or self.pixel_values.dtype)
+        return dataclasses.replace(self, **moved)

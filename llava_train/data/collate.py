@@ -1,4 +1,10 @@
-"""Examples -> a right-padded Batch with token roles and per-row position ids."""
+"""Examples -> a right-padded Batch with token roles, per-sample position ids and sequence ids.
+
+`collate_rows` takes rows of one or more Examples: a row with several is packed, one sample
+after another. Inside a row each sample's positions restart at 0 and its first label is
+ignored, so the last token of one sample never learns to predict the first of the next
+(the objective shifts labels by one within a row).
+"""
 
 from __future__ import annotations
 
@@ -7,40 +13,55 @@ import torch
 from llava_train.data.batch import IGNORE_INDEX, Batch, Example, TokenRole
 from llava_train.data.encode import SampleEncoder
 
-__all__ = ["SampleEncoder", "collate"]
+__all__ = ["SampleEncoder", "collate", "collate_rows"]
 
 
 def collate(examples: list[Example], pad_token_id: int, image_token_id: int) -> Batch:
-    if not examples:
-        raise ValueError("cannot collate an empty list of examples")
+    """One example per row."""
+    return collate_rows([[e] for e in examples], pad_token_id, image_token_id)
+
+
+def collate_rows(rows: list[list[Example]], pad_token_id: int, image_token_id: int) -> Batch:
+    if not rows or not all(rows):
+        raise ValueError("cannot collate an empty batch or an empty row")
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    width = max(len(e) for e in examples)
-    shape = (len(examples), width)
+    width = max(sum(len(e) for e in row) for row in rows)
+    shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example)
-        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
-    real = attention_mask.bool()
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    examples, images, owners = [], [], []
+    for row, samples in enumerate(rows):
+        start = 0
+        for example in samples:
+            end = start + len(example)
+            input_ids[row, start:end] = torch.tensor(example.input_ids, dtype=torch.long)
+            labels[row, start:end] = torch.tensor(example.labels, dtype=torch.long)
+            if start > 0:
+                labels[row, start] = IGNORE_INDEX
+            position_ids[row, start:end] = torch.arange(end - start)
+            sequence_ids[row, start:end] = len(examples)
+            examples.append(example)
+            images += example.images  # row-major order: the order of the placeholder spans
+            owners += [row] * len(example.images)
+            start = end
+    real = sequence_ids >= 0
     # Pads may reuse a real id (often eos), so roles come from the mask, not the id, for PAD.
     token_roles = torch.full(shape, int(TokenRole.PAD), dtype=torch.int8)
     token_roles[real] = int(TokenRole.TEXT)
     token_roles[real & (input_ids == image_token_id)] = int(TokenRole.IMAGE)
-    position_ids = torch.arange(width).expand(shape) * attention_mask
-    images = [image for e in examples for image in e.images]
-    owners = [row for row, e in enumerate(examples) for _ in e.images]
     return Batch(
         input_ids=input_ids,
         labels=labels,
-        attention_mask=attention_mask,
+        attention_mask=real.long(),
         token_roles=token_roles,
         position_ids=position_ids,
         pixel_values=torch.stack(images) if images else None,
         image_sample_index=torch.tensor(owners, dtype=torch.long),
+        sequence_ids=sequence_ids,
+        packed=any(len(row) > 1 for row in rows),
         keys=[e.key for e in examples],
         meta=[e.meta for e in examples],
     )

@@ -18,17 +18,19 @@ offset in the shard's permutation): resuming opens only the shard a stream is in
 jumps to the offset, without reading anything before it. With a shard count that is
 not a multiple of num_streams, a stream's next shard may already be in the next epoch;
 that keeps every stream fed even with fewer shards than streams.
+
+A mixture of sources (mixture.py) keeps this shape: every source has its own endless
+shard sequence split over the same logical streams, and each logical stream picks the
+source of its k-th sample by weight from (seed, stream, k). A stream's state is then one
+(epoch, position, offset) per source plus its draw counter.
 """
 
 from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import json
-import logging
 import os
-import random
 import re
 import tarfile
 import warnings
@@ -42,10 +44,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from llava_train.data.errors import BadSample
+from llava_train.data.health import SkipLog
+from llava_train.data.mixture import Source, SourceChooser, as_sources, rng
 
-__all__ = ["BadSample", "ShardStream", "build_loader", "expand_urls", "shard_sizes", "skipped_counts"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BadSample", "ShardStream", "Source", "build_loader", "expand_urls", "shard_sizes", "skipped_counts"]
 
 INDEX_FILE = "index.json"
 # webdataset's convention: the key is everything before the first dot of the file name.
@@ -108,16 +110,20 @@ def _count_samples(url: str) -> int:
 
 
 class ShardStream(IterableDataset):
-    """Samples of `urls` run through `encode`, in the world-size-invariant order above.
+    """Samples of one or more sources run through `encode`, in the world-size-invariant order above.
 
-    `encode(raw)` gets {"__key__", "__shard__", "json": parsed record, <ext>: bytes per
-    member}; it may raise BadSample or return None to skip. Skips, corrupt members and bad
-    json are counted by reason in `self.skipped` (and in the state) instead of crashing.
+    `urls` is a list of shard paths (one source) or of `Source`s (a weighted mixture: each
+    logical stream reads its share of every source and picks the source of each sample by
+    weight, see mixture.py). `encode(raw)` gets {"__key__", "__shard__", "__source__",
+    "json": parsed record, <ext>: bytes per member}; it may raise BadSample or return None
+    to skip. Skips, corrupt members and bad json are counted by reason (`self.skipped`, also
+    in the state) instead of crashing, unless more than `max_bad_fraction` of the samples
+    are bad (health.py).
     """
 
     def __init__(
         self,
-        urls: list[str],
+        urls: list[str] | list[Source],
         encode: Callable[[dict], object],
         *,
         seed: int = 0,
@@ -126,15 +132,19 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         num_streams: int = 8,
         loop: bool = True,
+        max_bad_fraction: float | None = None,
     ):
-        if not urls:
+        self.sources = as_sources(urls)
+        if not self.sources[0].urls:
             raise ValueError("ShardStream needs at least one shard; check data.train / data.eval")
-        compressed = [u for u in urls if not str(u).endswith(".tar")]
+        compressed = [u for s in self.sources for u in s.urls if not str(u).endswith(".tar")]
         if compressed:
             raise ValueError(
                 f"shards must be uncompressed .tar files (samples are read by seeking), got {compressed[0]!r}; "
                 "decompress them or rewrite them with data_tools/shard_writer.py"
             )
+        if len(self.sources) > 1 and not loop:
+            raise ValueError("a weighted mixture of sources has no end; read it with loop=True")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if num_streams % world_size:
@@ -142,15 +152,24 @@ class ShardStream(IterableDataset):
                 f"num_streams={num_streams} must be divisible by the world size {world_size}: "
                 "use a number of ranks that divides it"
             )
-        self.urls = list(urls)
         self.encode = encode
         self.seed, self.loop = seed, loop
         self.shuffle = shuffle and loop  # an eval pass (loop=False) reads in file order
         self.rank, self.world_size, self.num_streams = rank, world_size, num_streams
-        self.skipped: Counter = Counter()
+        self.max_bad_fraction = max_bad_fraction
+        self.health = SkipLog(max_bad_fraction)
+        self.choose = SourceChooser(self.sources, seed)
         self._cursor: _Cursor | None = None  # where the latest iteration stands
         self._pending: dict | None = None  # a loaded state, applied by the next __iter__
-        self._order_cache: tuple[int, list[int]] | None = None
+        self._order_cache: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, shard order)
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for s in self.sources for u in s.urls]
+
+    @property
+    def skipped(self) -> Counter:
+        return self.health.skipped
 
     @property
     def num_samples(self) -> int:
@@ -160,16 +179,16 @@ class ShardStream(IterableDataset):
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator:
-        streams = self._local_streams()
+        streams = self.local_streams()
         if self._pending is not None:
             self._cursor = self._restore(self._pending, streams)
             self._pending = None
         else:
-            self._cursor = _Cursor.start(streams)
-            self.skipped = Counter()
+            self._cursor = _Cursor.start(streams, len(self.sources))
+            self.health = SkipLog(self.max_bad_fraction)
         return self._interleave(streams, self._cursor)
 
-    def _local_streams(self) -> list[int]:
+    def local_streams(self) -> list[int]:
         streams = list(range(self.rank, self.num_streams, self.world_size))
         info = get_worker_info()
         if info is None:
@@ -179,7 +198,7 @@ class ShardStream(IterableDataset):
 
     def _interleave(self, streams: list[int], cursor: "_Cursor") -> Iterator:
         # The cursor is updated before each yield: the consumer snapshots it while we are suspended.
-        readers = {s: self._read_stream(s, cursor.positions[s]) for s in streams}
+        readers = {s: self._read_stream(s, cursor.streams[s]) for s in streams}
         live = set(streams)
         while live:
             stream = streams[cursor.turn]
@@ -192,43 +211,57 @@ class ShardStream(IterableDataset):
                 continue
             yield item
 
-    def _read_stream(self, stream: int, position: list[int]) -> Iterator:
-        """`position` = [global shard index g, sample offset], advanced in place."""
-        n, barren = len(self.urls), 0
+    def _read_stream(self, stream: int, position: "_StreamPosition") -> Iterator:
+        """One logical stream: its share of the only source, or a weighted draw per sample from all."""
+        readers = [self._read_source(i, stream, position.shards[i]) for i in range(len(self.sources))]
+        if len(readers) == 1:
+            yield from readers[0]
+            return
+        while True:  # mixtures loop forever (checked in __init__), so a reader never runs dry
+            item = next(readers[self.choose(stream, position.draws)])
+            position.draws += 1
+            yield item
+
+    def _read_source(self, source: int, stream: int, position: list[int]) -> Iterator:
+        """`position` = [global shard index g, sample offset] in the source's endless shard sequence,
+        advanced in place."""
+        n, barren = len(self.sources[source].urls), 0
         while self.loop or position[0] < n:
             found = False
-            for item in self._read_shard(position):
+            for item in self._read_shard(source, position):
                 found = True
                 yield item
             barren = 0 if found else barren + 1
             if barren >= 2 * max(n, self.num_streams):
                 raise RuntimeError(
-                    f"data stream {stream} read {barren} shards in a row without a usable sample "
-                    f"(skipped so far: {dict(self.skipped)}); check the shards and the template/max_length"
+                    f"data stream {stream} of source {self.sources[source].name!r} read {barren} shards in a row "
+                    f"without a usable sample (skipped so far: {dict(self.skipped)}); "
+                    "check the shards and the template/max_length"
                 )
             position[0] += self.num_streams
             position[1] = 0
 
-    def _read_shard(self, position: list[int]) -> Iterator:
-        epoch, index = divmod(position[0], len(self.urls))
-        url = self.urls[self._epoch_order(epoch)[index]]
+    def _read_shard(self, source: int, position: list[int]) -> Iterator:
+        urls = self.sources[source].urls
+        epoch, index = divmod(position[0], len(urls))
+        url = urls[self._epoch_order(source, epoch)[index]]
         name = os.path.basename(url)
         first_visit = position[1] == 0  # count shard-level damage once, not again on resume
         try:
             tar = tarfile.open(url, "r:")
         except (tarfile.TarError, OSError) as err:
             if first_visit:
-                self._skip("corrupt shard", f"{url}: {err}")
+                self._skip("corrupt shard", url, str(err))
             return
         with tar:
             samples = self._index(tar, url, first_visit)
             order = list(range(len(samples)))
             if self.shuffle:
-                _rng(self.seed, epoch, name).shuffle(order)
+                rng(self.seed, self.sources[source].name, epoch, name).shuffle(order)
             while position[1] < len(order):
                 key, members = samples[order[position[1]]]
                 position[1] += 1
-                item = self._load(tar, key, members, name)
+                item = self._load(tar, key, members, name, self.sources[source].name)
                 if item is not None:
                     yield item
 
@@ -242,13 +275,13 @@ class ShardStream(IterableDataset):
                     samples.setdefault(match.group(1), {})[match.group(2)] = info
         except (tarfile.TarError, OSError) as err:  # keep the samples before the damage
             if count_errors:
-                self._skip("corrupt shard", f"{url}: {err}")
+                self._skip("corrupt shard", url, str(err))
         return list(samples.items())
 
-    def _load(self, tar: tarfile.TarFile, key: str, members: dict, shard: str):
+    def _load(self, tar: tarfile.TarFile, key: str, members: dict, shard: str, source: str):
         """The encoded sample, or None after counting why it was skipped."""
         try:
-            raw = {"__key__": key, "__shard__": shard, **_read_members(tar, members)}
+            raw = {"__key__": key, "__shard__": shard, "__source__": source, **_read_members(tar, members)}
             if "json" not in raw:
                 raise BadSample("missing json", f"members {sorted(members)}")
             try:
@@ -261,81 +294,101 @@ class ShardStream(IterableDataset):
             if item is None:
                 raise BadSample("rejected", "the encoder returned None")
         except BadSample as bad:
-            self._skip(bad.reason, f"{shard}/{key}: {bad}")
+            self._skip(bad.reason, f"{shard}/{key}", str(bad))
             return None
+        self.health.ok()
         return item
 
-    def _skip(self, reason: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        if self.skipped[reason] == 1:
-            log.warning("skipping a sample (%s); further `%s` skips are only counted", detail, reason)
+    def _skip(self, reason: str, key: str, detail: str) -> None:
+        self.health.skip(reason, key, detail)
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def _epoch_order(self, source: int, epoch: int) -> list[int]:
+        count = len(self.sources[source].urls)
         if not self.shuffle:
-            return list(range(len(self.urls)))
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            order = list(range(len(self.urls)))
-            _rng(self.seed, epoch).shuffle(order)
-            self._order_cache = (epoch, order)
-        return self._order_cache[1]
+            return list(range(count))
+        cached = self._order_cache.get(source)
+        if cached is None or cached[0] != epoch:
+            order = list(range(count))
+            rng(self.seed, self.sources[source].name, epoch).shuffle(order)
+            self._order_cache[source] = cached = (epoch, order)
+        return cached[1]
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
         if self._pending is not None:
             return copy.deepcopy(self._pending)
-        n = len(self.urls)
-        cursor = self._cursor or _Cursor.start(self._local_streams())
+        cursor = self._cursor or _Cursor.start(self.local_streams(), len(self.sources))
+        sizes = [len(s.urls) for s in self.sources]
+        streams = []
+        for stream, position in sorted(cursor.streams.items()):
+            shards = [
+                {"epoch": g // n, "position": g % n, "offset": offset} for (g, offset), n in zip(position.shards, sizes)
+            ]
+            streams.append({"stream": stream, "draws": position.draws, "sources": shards})
         return {
-            "num_shards": n,
+            **self._setup(),
+            "streams": streams,
+            "turn": cursor.turn,
+            **self.health.state_dict(),
+        }
+
+    def _setup(self) -> dict:
+        """What a saved state must agree with to be resumed here."""
+        return {
+            "source_names": [s.name for s in self.sources],
+            "num_shards": [len(s.urls) for s in self.sources],
             "num_streams": self.num_streams,
             "world_size": self.world_size,
             "rank": self.rank,
-            "streams": [
-                {"stream": s, "epoch": g // n, "position": g % n, "offset": offset}
-                for s, (g, offset) in sorted(cursor.positions.items())
-            ],
-            "turn": cursor.turn,
-            "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in [
-            ("num_shards", len(self.urls)),
-            ("num_streams", self.num_streams),
-            ("world_size", self.world_size),
-            ("rank", self.rank),
-        ]:
+        for key, mine in self._setup().items():
             if state.get(key) != mine:
                 raise ValueError(
                     f"the data loader state was saved with {key}={state.get(key)}, but this run has {key}={mine}; "
-                    "resume with the same shards, num_streams and number of ranks"
+                    "resume with the same data sources and shards, num_streams and number of ranks"
                 )
         self._pending = copy.deepcopy(state)
-        self.skipped = Counter(state["skipped"])
+        self.health.load_state_dict(state)
 
     def _restore(self, state: dict, streams: list[int]) -> "_Cursor":
-        n = len(self.urls)
-        saved = {e["stream"]: [e["epoch"] * n + e["position"], e["offset"]] for e in state["streams"]}
+        sizes = [len(s.urls) for s in self.sources]
+        saved = {
+            e["stream"]: _StreamPosition(
+                [[p["epoch"] * n + p["position"], p["offset"]] for p, n in zip(e["sources"], sizes)], e["draws"]
+            )
+            for e in state["streams"]
+        }
         if sorted(saved) != sorted(streams):
             raise ValueError(
                 f"the data loader state holds streams {sorted(saved)} but this reader has {streams}; "
                 "resume with the same data.num_workers and number of ranks"
             )
-        self.skipped = Counter(state["skipped"])
+        self.health.load_state_dict(state)
         return _Cursor(saved, state["turn"] % len(streams))
 
 
 @dataclass
-class _Cursor:
-    """One iteration's progress: per stream [global shard index, sample offset], and whose turn it is."""
+class _StreamPosition:
+    """Per source [global shard index, sample offset], and how many mixture draws the stream made."""
 
-    positions: dict[int, list[int]]
+    shards: list[list[int]]
+    draws: int = 0
+
+
+@dataclass
+class _Cursor:
+    """One iteration's progress: each local stream's position, and whose turn it is."""
+
+    streams: dict[int, _StreamPosition]
     turn: int = 0
 
     @classmethod
-    def start(cls, streams: list[int]) -> "_Cursor":
-        return cls({s: [s, 0] for s in streams})  # stream s starts at shard s of the endless sequence
+    def start(cls, streams: list[int], num_sources: int) -> "_Cursor":
+        # stream s starts at shard s of each source's endless sequence
+        return cls({s: _StreamPosition([[s, 0] for _ in range(num_sources)]) for s in streams})
 
 
 def _read_members(tar: tarfile.TarFile, members: dict) -> dict[str, bytes]:
@@ -351,12 +404,6 @@ def _read_members(tar: tarfile.TarFile, members: dict) -> dict[str, bytes]:
     return out
 
 
-def _rng(*parts) -> random.Random:
-    """A generator seeded by a stable hash (Python's hash() of strings changes per process)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
-
-
 # ----------------------------------------------------------------------------- loader
 
 
@@ -369,12 +416,26 @@ def check_worker_split(num_streams: int, world_size: int, num_workers: int) -> N
         )
 
 
-def build_loader(stream: ShardStream, batch_size: int, collate_fn, num_workers: int = 0) -> StatefulDataLoader:
-    """A StatefulDataLoader: its state_dict() holds each worker's stream positions for exact resume."""
-    check_worker_split(stream.num_streams, stream.world_size, num_workers)
+def build_loader(dataset, batch_size: int | None, collate_fn, num_workers: int = 0) -> StatefulDataLoader:
+    """A StatefulDataLoader: its state_dict() holds each worker's stream positions for exact resume.
+
+    `batch_size=None` when the dataset yields whole micro-batches (batch_stream.BatchStream)."""
+    check_worker_split(dataset.num_streams, dataset.world_size, num_workers)
     with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API in its constructor
         warnings.filterwarnings("ignore", message=".*set_vital.*")
-        return StatefulDataLoader(stream, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
+        return _Loader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
+
+
+class _Loader(StatefulDataLoader):
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torchdata only asserts on a state from another worker count; say what to change instead.
+        saved = len(state_dict["_snapshot"]["_worker_snapshots"]) if "_snapshot" in state_dict else 0
+        if saved != self.num_workers:
+            raise ValueError(
+                f"the data loader state was saved with data.num_workers={saved}, but this run has "
+                f"data.num_workers={self.num_workers}; resume with data.num_workers={saved}"
+            )
+        super().load_state_dict(state_dict)
 
 
 def skipped_counts(loader: StatefulDataLoader) -> Counter:
@@ -389,6 +450,9 @@ def skipped_counts(loader: StatefulDataLoader) -> Counter:
 
 def _collect_skips(node, total: Counter) -> None:
     if isinstance(node, dict):
+        if "counters" in node:  # a BatchStream's live counts (its nested stream state may be a window behind)
+            total.update(node["counters"]["skipped"])
+            return
         if "skipped" in node and "num_streams" in node:
             total.update(node["skipped"])
             return

@@ -64,7 +64,7 @@ def normalise(conversations: list[dict]) -> tuple[str | None, list[tuple[str, st
     Turns before the first user turn are dropped, as LLaVA's preprocessing does."""
     system, turns = None, []
     for i, turn in enumerate(conversations):
-        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        role = turn_role(turn)
         text = turn.get("value", turn.get("content"))
         if role is None or not isinstance(text, str):
             raise ValueError(f"turn {i} needs `from` in {sorted(_ROLES)} and a string `value`, got {turn!r}")
@@ -75,6 +75,11 @@ def normalise(conversations: list[dict]) -> tuple[str | None, list[tuple[str, st
         elif turns or role == USER:
             turns.append((role, text))
     return system, turns
+
+
+def turn_role(turn: dict) -> str | None:
+    """USER, ASSISTANT or SYSTEM for a LLaVA (`from`) or OpenAI (`role`) turn; None if unknown."""
+    return _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
 
 
 def user_pieces(text: str) -> list[Piece]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from llava_train.data.batch import Batch
 from llava_train.model.aux import AuxLosses
+from llava_train.model.packed_attention import packed_attention_inputs
 from llava_train.model.vision import VisionTower
 
 
@@ -79,12 +80,11 @@ class MultimodalLM(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Last hidden states [B, T, D] of the LM."""
         embeds = self.embed(batch)
-        out = self.decoder(
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
+        if batch.packed:  # several samples per row: block-diagonal causal attention
+            attention = packed_attention_inputs(batch.sequence_ids, self.lm.config._attn_implementation, embeds.dtype)
+        else:
+            attention = {"attention_mask": batch.attention_mask}
+        out = self.decoder(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **attention)
         return out.last_hidden_state
 
     def _vision_dtype(self) -> torch.dtype:

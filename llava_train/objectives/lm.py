@@ -1,7 +1,8 @@
 """Next-token cross-entropy at supervised positions only.
 
 LLaVA computes `[all tokens, vocab]` logits although image and prompt tokens carry no
-label; here the LM head runs only on the hidden states whose next token is supervised.
+label; here the LM head runs only on the hidden states whose next token is supervised,
+and even those logits exist one chunk of rows at a time (`kernels.linear_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+import kernels
 from llava_train.data.batch import IGNORE_INDEX, Batch
+from llava_train.recipe import LossConfig
 
 
 @dataclass
@@ -29,14 +31,31 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mask, targets[mask]
 
 
-def lm_objective(model, batch: Batch) -> ObjectiveOutput:
-    hidden = model(batch)
-    mask, targets = supervised_positions(batch.labels)
-    picked = hidden[:, :-1][mask]
-    logits = model.output_embeddings(picked).float()
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-    aux_losses, metrics = model.aux.drain()
-    return ObjectiveOutput(loss_sum=loss_sum, num_tokens=int(mask.sum()), aux_losses=aux_losses, metrics=metrics)
+def make_lm_objective(loss: LossConfig | None = None):
+    """The `lm` objective `(model, batch) -> ObjectiveOutput` with the recipe's loss options."""
+    cfg = loss or LossConfig()
+
+    def lm_objective(model, batch: Batch) -> ObjectiveOutput:
+        hidden = model(batch)
+        mask, targets = supervised_positions(batch.labels)
+        head = model.output_embeddings  # read inside the engine's forward: only there does ZeRO-3 gather it
+        out = kernels.linear_cross_entropy(
+            hidden[:, :-1][mask],
+            head.weight,
+            targets,
+            bias=getattr(head, "bias", None),
+            reduction="sum",
+            chunk_size=cfg.chunk_size,
+            label_smoothing=cfg.label_smoothing,
+            z_loss=cfg.z_loss,
+            backend=cfg.backend,
+        )
+        aux_losses, metrics = model.aux.drain()
+        if cfg.z_loss:
+            metrics["z_loss_sum"] = float(out.z_loss_term)  # the z-loss part of loss_sum, summed like it
+        return ObjectiveOutput(loss_sum=out.loss, num_tokens=out.num_tokens, aux_losses=aux_losses, metrics=metrics)
+
+    return lm_objective
 
 
-OBJECTIVES = {"lm": lm_objective}
+OBJECTIVES = {"lm": make_lm_objective}  # name -> factory(LossConfig) -> objective(model, batch)

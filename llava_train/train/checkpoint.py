@@ -10,11 +10,14 @@ the folder `begin_save` returns; this module only decides when a folder counts.
 
 A save becomes visible in one `os.rename`, after every file and then the manifest have been
 fsync'd, so a crash at any moment leaves either the old set of checkpoints or the new one.
+The manifest lists every file with its size, so a folder damaged later (a copy cut short, a
+deleted rank file) is recognised before anything loads it (`missing_or_truncated`).
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -36,6 +39,10 @@ _STALE = re.compile(r"^\.step-(\d+)\.(partial|old|deleting)$")  # our own tempor
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder that cannot be resumed from."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of space; the previous ones are untouched."""
 
 
 # ----------------------------------------------------------------------------- saving
@@ -60,8 +67,8 @@ def commit_save(tmp: str | Path, manifest: dict) -> Path:
     step = int(match.group(1))
     if manifest.get("step", step) != step:
         raise ValueError(f"manifest says step {manifest['step']} but the folder is for step {step}")
-    _fsync_tree(tmp)  # the data must be on disk before the manifest can vouch for it
-    _write_durably(tmp / MANIFEST, json.dumps({**manifest, "complete": True}, indent=2))
+    files = _fsync_tree(tmp)  # the data must be on disk before the manifest can vouch for it
+    _write_durably(tmp / MANIFEST, json.dumps({**manifest, "files": files, "complete": True}, indent=2))
     _fsync_dir(tmp)
     final = tmp.parent / f"step-{step}"
     _rename_into_place(tmp, final)
@@ -89,15 +96,20 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_tree(folder: Path) -> None:
+def _fsync_tree(folder: Path) -> dict[str, int]:
+    """fsync every file below `folder`; returns their sizes by relative path."""
+    sizes = {}
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            path = os.path.join(dirpath, name)
+            fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
+                sizes[Path(path).relative_to(folder).as_posix()] = os.fstat(fd).st_size
             finally:
                 os.close(fd)
         _fsync_dir(Path(dirpath))
+    return dict(sorted(sizes.items()))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -169,6 +181,19 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def missing_or_truncated(path: str | Path, manifest: dict) -> list[str]:
+    """Files the manifest lists that are gone or have another size now (empty = intact).
+    Manifests written before the file list existed vouch for nothing more than themselves."""
+    problems = []
+    for rel, size in (manifest.get("files") or {}).items():
+        file = Path(path) / rel
+        if not file.is_file():
+            problems.append(f"{rel} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{rel} has {file.stat().st_size} bytes, the manifest says {size}")
+    return problems
+
+
 def _is_complete(path: Path) -> bool:
     try:
         read_manifest(path)
@@ -214,6 +239,79 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
             f"train.resume: {exc}; point it at a step-N folder under OUTPUT/checkpoints, or use `auto`"
         ) from None
     return path
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+def folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def expected_bytes(root: str | Path, fallback: int) -> tuple[int, str]:
+    """How much the next checkpoint will need, and what that is based on: the newest complete
+    checkpoint (its successor has the same tensors), else `fallback` (from parameter counts)."""
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        files = read_manifest(latest).get("files")
+        return (sum(files.values()) if files else folder_bytes(latest)), f"the size of {latest.name}"
+    return fallback, "estimated from the parameter count"
+
+
+def estimate_from_params(num_params: int, num_trainable: int) -> int:
+    """A first checkpoint's size: fp32 model files and DeepSpeed's module copy (8 bytes per
+    parameter) plus fp32 master weights and two Adam moments per trainable parameter (12)."""
+    return 8 * num_params + 12 * num_trainable
+
+
+def require_free_space(root: str | Path, needed: int, basis: str) -> None:
+    """Raise the ENOSPC that writing would hit, before writing anything. Filesystems that
+    report no size at all (some network mounts) are not judged."""
+    usage = shutil.disk_usage(_existing(root))
+    if usage.total > 0 and usage.free < needed:
+        raise OSError(errno.ENOSPC, f"{format_bytes(usage.free)} free, about {format_bytes(needed)} needed ({basis})",
+                      str(root))
+
+
+def _existing(path: Path) -> Path:
+    """The folder itself or its nearest existing parent (the first save creates the folder)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(root: str | Path, step: int, needed: int, basis: str, cause: BaseException | None) -> str:
+    root = Path(root)
+    latest = latest_checkpoint(root)
+    kept = f"{latest} is intact" if latest is not None else "no earlier checkpoint exists"
+    free = shutil.disk_usage(_existing(root)).free
+    why = f" ({cause})" if cause is not None else " (another rank ran out of space)"
+    return (
+        f"not enough disk space to save checkpoint step-{step} in {root}{why}: it needs about "
+        f"{format_bytes(needed)} ({basis}) and {format_bytes(free)} are free. The partial checkpoint was "
+        f"removed and {kept}. Free some space (or lower train.keep_last, or point train.output_dir at a "
+        "larger disk), then continue with --resume auto"
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def discard_partial(tmp: str | Path) -> None:
+    """Remove a `.step-N.partial` folder of a save that failed (never a complete one)."""
+    tmp = Path(tmp)
+    if _STALE.match(tmp.name):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- pruning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_train.data import pipeline
-from llava_train.data.shards import skipped_counts
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.io import load_weights, model_files_dir, save_model_files, WEIGHTS
 from llava_train.model.mllm import MultimodalLM
@@ -20,6 +20,7 @@ from llava_train.objectives.lm import OBJECTIVES, ObjectiveOutput
 from llava_train.recipe import Recipe
 from llava_train.train import checkpoint as ckpt
 from llava_train.train.ds_config import build_ds_config
+from llava_train.train.faults import NonFiniteGuard, any_rank, suppressed_update, zero_loss
 from llava_train.train.engine import (
     DistInfo,
     build_optimizer,
@@ -28,7 +29,11 @@ from llava_train.train.engine import (
     setup_distributed,
 )
 from llava_train.train.flops import StepFlops
+from llava_train.train.memory import model_state_bytes
+from llava_train.train.timing import PhaseTimer
 from llava_train.train.metrics import MetricsLogger, measure_peak_flops, peak_memory_bytes
+from llava_train.train.preemption import EXIT_PREEMPTED, StopSignal
+from llava_train.train.resume_check import check_model_shapes, check_resumable
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,10 @@ class ObjectiveModule(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, batch) -> ObjectiveOutput:
-        return self.objective(self.model, batch)
+    def forward(self, batch) -> dict:
+        # A plain dict, not the dataclass: ZeRO-3 finds the output tensors (to hook the backward
+        # that re-gathers partitioned weights) only inside tuples, lists and dicts.
+        return dict(vars(self.objective(self.model, batch)))
 
 
 @dataclass
@@ -55,6 +62,7 @@ class TrainResult:
     last_loss: float
     eval_loss: float | None
     checkpoint: Path | None
+    preempted: bool = False  # stopped early on SIGUSR1/SIGTERM after saving `checkpoint`
 
 
 class Trainer:
@@ -64,10 +72,15 @@ class Trainer:
         pipeline.check_data_paths(recipe.data)
         self.resume_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume)
         self.dist: DistInfo = setup_distributed()
+        if self.resume_from is not None:  # a damaged or foreign checkpoint is refused before any building
+            check_resumable(self.resume_from, recipe, self.dist.world_size)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         self.output_dir = Path(self.cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
+        self.nonfinite = NonFiniteGuard(self.cfg.max_bad_steps, self.ckpt_root, self.dist.device, self.dist.rank)
         self._build_model()
+        if self.resume_from is not None:
+            check_model_shapes(self.resume_from, self.model)
         self._build_data()
         self._build_engine()
         self.step = 0
@@ -92,6 +105,8 @@ class Trainer:
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
         self.flops = StepFlops.for_model(self.model, self.preset)
+        self.timer = PhaseTimer(synchronize=self.recipe.train.sync_timing)
+        self.timer.time_module(self.model.vision, "vision")
 
     def _build_data(self) -> None:
         data, d = self.recipe.data, self.dist
@@ -106,7 +121,7 @@ class Trainer:
         groups = param_groups(self.model.parts(), self.recipe)
         optimizer, schedule = build_optimizer(groups, self.recipe)
         ds_config = build_ds_config(self.cfg, self.dist.world_size)
-        module = ObjectiveModule(self.model, OBJECTIVES[self.recipe.stage.objective])
+        module = ObjectiveModule(self.model, OBJECTIVES[self.recipe.stage.objective](self.recipe.stage.loss))
         if self.cfg.zero_stage == 3:
             # Losses read the LM head's weight directly (chunked, supervised positions only), outside
             # the head's own forward: ZeRO-3 must gather it for the objective module's forward/backward.
@@ -116,13 +131,19 @@ class Trainer:
         if self._autocast:
             ds_config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
+        self.optimizer = optimizer  # what DeepSpeed steps at each boundary, under every ZeRO stage
         bf16_weights = self.cfg.precision == "bf16" and not self._autocast
         self.input_dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.compute_dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
 
     # ------------------------------------------------------------------ loop
 
-    def train(self) -> TrainResult:
+    def train(self, save_final: bool = True) -> TrainResult:
+        # SIGUSR1/SIGTERM only set a flag while the loop runs; outside it they act as usual.
+        with StopSignal() as self.stop:
+            return self._train(save_final)
+
+    def _train(self, save_final: bool) -> TrainResult:
         d = self.dist
         logger = MetricsLogger(
             self.output_dir,
@@ -140,11 +161,19 @@ class Trainer:
             (self.output_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
         peak = measure_peak_flops(self.compute_dtype, device=str(d.device))
         self.train_iter = iter(self.loader)
+        self.step_logged_memory = False
         last_loss, eval_loss, saved = float("nan"), None, None
         while self.step < self.cfg.max_steps:
+            if self.stop.agreed(d.device):  # a collective on every rank each step: all stop after the same step
+                logger.close()
+                return self._stop_early(saved, last_loss)
             metrics = self._train_step(peak)
             last_loss = metrics["loss"]
             self.step += 1
+            if not self.step_logged_memory:
+                # Optimizer states exist only after the first step; ZeRO's savings show here.
+                metrics.update({f"model_state_gb/{k}": v / 2**30 for k, v in model_state_bytes(self.engine).items()})
+                self.step_logged_memory = True
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.eval_loader is not None:
                 metrics["eval_loss"] = eval_loss = self.evaluate()
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
@@ -154,10 +183,23 @@ class Trainer:
         if self.eval_loader is not None and not (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
             eval_loss = self.evaluate()
             logger.log(self.step, {"eval_loss": eval_loss})
-        if saved is None or not saved.name.endswith(f"-{self.step}"):
+        if save_final and (saved is None or not saved.name.endswith(f"-{self.step}")):
             saved = self.save_checkpoint()
         logger.close()
         return TrainResult(step=self.step, last_loss=last_loss, eval_loss=eval_loss, checkpoint=saved)
+
+    def _stop_early(self, saved: Path | None, last_loss: float) -> TrainResult:
+        """A stop signal arrived: checkpoint the last finished step (unless that checkpoint exists:
+        just saved, or resumed from) and report preemption; no final evaluation, time is short."""
+        start = time.perf_counter()
+        here = self.ckpt_root / f"step-{self.step}"
+        if here not in (saved, self.resume_from):
+            saved = self.save_checkpoint()
+        if self.dist.is_main:
+            received = self.stop.received.name if self.stop.received else "a stop signal on another rank"
+            log.warning("%s: stopping after step %d; checkpoint %s (%.1f s); exit code %d asks for a requeue",
+                        received, self.step, here, time.perf_counter() - start, EXIT_PREEMPTED)
+        return TrainResult(self.step, last_loss, None, here, preempted=True)
 
     def _train_step(self, peak_flops: float) -> dict:
         """One optimizer step over `grad_accum` micro-batches, with the loss normalised by the
@@ -167,25 +209,34 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = [next(self.train_iter) for _ in range(cfg.grad_accum)]
         data_time = time.perf_counter() - start
+        self.timer.pop()  # drop anything timed outside the step (evaluation, for one)
         local_tokens = sum(b.num_supervised_tokens for b in micro_batches)
         global_tokens = max(1, int(_all_reduce_sum(torch.tensor(float(local_tokens)))))
         scale = d.world_size * cfg.grad_accum / global_tokens  # undoes DeepSpeed's mean over ranks x micro-steps
         lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule advances inside engine.step)
         loss_sum = torch.zeros(())
         aux_totals: dict[str, float] = {}
+        objective_metrics: dict[str, float] = {}
+        skip = False  # a non-finite loss on any rank skips the whole step's update (see faults.py)
         for batch in micro_batches:
             batch = batch.to(d.device, dtype=self.input_dtype)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-                out: ObjectiveOutput = self.engine(batch)
+            with self.timer.phase("forward"), torch.autocast(d.device.type, torch.bfloat16, enabled=self._autocast):
+                out = ObjectiveOutput(**self.engine(batch))
             loss = out.loss_sum * scale + sum(out.aux_losses.values(), torch.zeros(()))
-            self.engine.backward(loss)
-            self.engine.step()
+            skip = skip or self.nonfinite.is_bad(loss, self.step + 1)
+            with self.timer.phase("backward"):
+                self.engine.backward(zero_loss(loss) if skip else loss)
+            with self.timer.phase("optimizer"), suppressed_update(self.engine, self.optimizer, skip):
+                self.engine.step()
             loss_sum += out.loss_sum.detach().float().cpu()
             for name, value in out.aux_losses.items():
                 aux_totals[name] = aux_totals.get(name, 0.0) + float(value) / cfg.grad_accum
+            for name, value in out.metrics.items():  # objective/module metrics, averaged over micro-batches
+                objective_metrics[name] = objective_metrics.get(name, 0.0) + float(value) / cfg.grad_accum
         step_time = time.perf_counter() - start
+        self.nonfinite.end_step(self.step + 1, skip)  # raises after train.max_bad_steps in a row
         tokens = sum(b.num_tokens for b in micro_batches)
-        samples = sum(b.input_ids.shape[0] for b in micro_batches)
+        samples = sum(b.num_samples for b in micro_batches)  # rows hold several samples when packed
         images = sum(0 if b.pixel_values is None else b.pixel_values.shape[0] for b in micro_batches)
         self.tokens_seen += int(_all_reduce_sum(torch.tensor(float(tokens))))
         self.samples_seen += int(_all_reduce_sum(torch.tensor(float(samples))))
@@ -200,15 +251,17 @@ class Trainer:
             "step_time_s": step_time,
             "data_time_s": data_time,
             "peak_memory_gb": peak_memory_bytes() / 2**30,
+            "padding_fraction": 1 - tokens / sum(b.input_ids.numel() for b in micro_batches),
+            "nonfinite_skipped": self.nonfinite.skipped_total,
+            **self.timer.pop(),
             **{f"aux/{k}": v for k, v in aux_totals.items()},
+            **{f"objective/{k}": v for k, v in objective_metrics.items()},
         }
         flops_lm = sum(self.flops.lm(b.num_tokens, b.input_ids.shape[1]) for b in micro_batches)
         flops_vision = self.flops.vision(images)
         metrics["mfu"] = (flops_lm + flops_vision) / step_time / peak_flops
         metrics["mfu_lm_only"] = flops_lm / step_time / peak_flops
-        skipped = skipped_counts(self.loader)
-        if skipped:
-            metrics.update({f"data/skipped/{k}": v for k, v in skipped.items()})
+        metrics.update(pipeline.loader_metrics(self.loader))  # data/skipped/<reason>, data/source/<name>
         return metrics
 
     @property
@@ -236,9 +289,9 @@ class Trainer:
             last = batch
             if batch is None:  # this rank never had an eval batch: nothing to repeat
                 raise RuntimeError("a rank received no eval sample; use more eval shards or fewer ranks")
-            seen += batch.input_ids.shape[0]
+            seen += batch.num_samples
             with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-                out = self.engine(batch.to(self.dist.device, dtype=self.input_dtype))
+                out = ObjectiveOutput(**self.engine(batch.to(self.dist.device, dtype=self.input_dtype)))
             total += weight * out.loss_sum.float().cpu()
             count += weight * out.num_tokens
         self.engine.train()
@@ -248,38 +301,59 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         d = self.dist
-        if d.is_main:
-            tmp = ckpt.begin_save(self.ckpt_root, self.step)
-        dist.barrier()
-        tmp = self.ckpt_root / f".step-{self.step}.partial"  # the folder begin_save made on rank 0
-        self.engine.save_checkpoint(str(tmp), tag="deepspeed")
-        torch.save(
-            {"loader": self.loader.state_dict(), "rng": ckpt.capture_rng_state()},
-            tmp / f"rank{d.rank:05d}_state.pt",
-        )
-        lora = self.recipe.stage.lora if self.preset.lora else None
-        connector = self.recipe.model.connector.model_dump()
-        save_model_files(self.model, self.tokenizer, tmp / "model", d.rank, lora, connector)
-        dist.barrier()
-        final = self.ckpt_root / f"step-{self.step}"
-        if d.is_main:
-            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
-            manifest = ckpt.build_manifest(
-                self.step, self.tokens_seen, self.samples_seen, self.recipe.model_dump(mode="json")
+        numel = [getattr(p, "ds_numel", p.numel()) for p in self.model.parameters()]
+        trainable = sum(n for n, p in zip(numel, self.model.parameters()) if p.requires_grad)
+        space = ckpt.expected_bytes(self.ckpt_root, fallback=ckpt.estimate_from_params(sum(numel), trainable))
+        tmp = self.ckpt_root / f".step-{self.step}.partial"  # made by rank 0, written by every rank
+        with self._all_ranks_or_none(tmp, space):  # each phase ends in a collective (also a barrier)
+            if d.is_main:
+                ckpt.require_free_space(self.ckpt_root, *space)
+                ckpt.begin_save(self.ckpt_root, self.step)
+        with self._all_ranks_or_none(tmp, space):
+            self.engine.save_checkpoint(str(tmp), tag="deepspeed")
+            torch.save(
+                {"loader": self.loader.state_dict(), "rng": ckpt.capture_rng_state()},
+                tmp / f"rank{d.rank:05d}_state.pt",
             )
-            manifest["world_size"] = d.world_size
-            final = ckpt.commit_save(tmp, manifest)
+            lora = self.recipe.stage.lora if self.preset.lora else None
+            connector = self.recipe.model.connector.model_dump()
+            save_model_files(self.model, self.tokenizer, tmp / "model", d.rank, lora, connector)
+        final = self.ckpt_root / f"step-{self.step}"
+        with self._all_ranks_or_none(tmp, space):
+            if d.is_main:
+                (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
+                manifest = ckpt.build_manifest(
+                    self.step, self.tokens_seen, self.samples_seen, self.recipe.model_dump(mode="json")
+                )
+                manifest["world_size"] = d.world_size
+                final = ckpt.commit_save(tmp, manifest)
+        if d.is_main:
             ckpt.prune_checkpoints(self.ckpt_root, self.cfg.keep_last)
         dist.barrier()
         return final
 
+    @contextlib.contextmanager
+    def _all_ranks_or_none(self, tmp: Path, space: tuple[int, str]):
+        """Run this rank's part of a save, then learn (a collective) whether any rank ran out of
+        disk space. If one did, every rank raises DiskFullError, rather than the others waiting
+        at the next barrier, and rank 0 removes the partial folder: older checkpoints stay as
+        they were. (A rank failing alone inside DeepSpeed's own save, which ends in a barrier,
+        still leaves the others waiting there; the free-space check up front makes that rare.)"""
+        error = None
+        try:
+            yield
+        except OSError as exc:
+            if not ckpt.is_out_of_space(exc):
+                raise
+            error = exc
+        if any_rank(error is not None, self.dist.device):
+            if self.dist.is_main:
+                ckpt.discard_partial(tmp)
+            message = ckpt.disk_full_message(self.ckpt_root, self.step, *space, cause=error)
+            raise ckpt.DiskFullError(message) from error
+
     def _resume(self, path: Path) -> None:
-        manifest = ckpt.read_manifest(path)
-        if manifest.get("world_size", self.dist.world_size) != self.dist.world_size:
-            raise RuntimeError(
-                f"{path} was written by {manifest['world_size']} ranks but this run has {self.dist.world_size}; "
-                "resume with the same number of ranks"
-            )
+        manifest = ckpt.read_manifest(path)  # validated in __init__ (check_resumable)
         self.engine.load_checkpoint(str(path), tag="deepspeed")
         state = torch.load(path / f"rank{self.dist.rank:05d}_state.pt", weights_only=False)
         self.loader.load_state_dict(state["loader"])

@@ -1,0 +1,127 @@
+"""Micro-batches planned over windows of a ShardStream, with an exact resume state.
+
+The stream is read a window at a time; each window is planned into micro-batches
+(batching.py) and they are handed out one by one. The state never holds samples: it is
+the stream's position at the start of the current window plus how many of its
+micro-batches went out. A resume re-reads that one window (at most `window` samples, not
+the epoch), plans it again — the plan is a pure function of the window and a seed — and
+skips what was already handed out. Once a window is used up, the state is simply the
+stream's position after it, so plain batching (a window of one micro-batch) never
+re-reads anything.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import asdict
+from itertools import islice
+from typing import Iterator
+
+from torch.utils.data import IterableDataset
+
+from llava_train.data.batching import BatchingConfig, MicroBatch, plan
+from llava_train.data.mixture import rng
+from llava_train.data.shards import ShardStream
+
+
+class BatchStream(IterableDataset):
+    """Yields micro-batches (lists of rows of Examples); use with `build_loader(..., batch_size=None)`."""
+
+    def __init__(self, source: ShardStream, cfg: BatchingConfig):
+        self.source, self.cfg = source, cfg
+        self.taken: Counter = Counter()  # samples handed out per data source
+        # Where a resume would start: (stream state at a window start, window index, micro-batches of it done).
+        self._resume_at: tuple[dict, int, int] | None = None
+        self._pending: dict | None = None
+
+    # the loader checks the worker split against these
+    @property
+    def num_streams(self) -> int:
+        return self.source.num_streams
+
+    @property
+    def world_size(self) -> int:
+        return self.source.world_size
+
+    @property
+    def skipped(self) -> Counter:
+        return self.source.skipped
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        state, self._pending = self._pending, None
+        index, skip = (state["window"], state["emitted"]) if state else (0, 0)
+        self.taken = Counter(state["counters"]["sources"]) if state else Counter()
+        samples = iter(self.source)  # applies the stream state that load_state_dict handed on
+        self._resume_at = (self.source.state_dict(), index, skip)
+        return self._batches(samples, index, skip)
+
+    def _batches(self, samples: Iterator, index: int, skip: int) -> Iterator[MicroBatch]:
+        streams = tuple(self.source.local_streams())
+        while True:
+            start = self.source.state_dict()
+            examples = list(islice(samples, self.cfg.window_size))
+            if not examples:
+                return
+            batches = plan(examples, self.cfg, rng(self.source.seed, "batches", streams, index))
+            for done in range(skip + 1, len(batches) + 1):
+                # Set before the yield: the loader snapshots the state while we are suspended.
+                if done < len(batches):
+                    self._resume_at = (start, index, done)
+                else:  # the window is used up: a resume continues after it, re-reading nothing
+                    self._resume_at = (self.source.state_dict(), index + 1, 0)
+                batch = batches[done - 1]
+                self.taken.update(e.source for row in batch for e in row)
+                yield batch
+            index, skip = index + 1, 0
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        if self._pending is not None:
+            return copy.deepcopy(self._pending)
+        source, index, emitted = self._resume_at or (self.source.state_dict(), 0, 0)
+        return {
+            "batching": asdict(self.cfg),
+            "source": copy.deepcopy(source),
+            "window": index,
+            "emitted": emitted,
+            "counters": {"skipped": dict(self.source.skipped), "sources": dict(self.taken)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = asdict(self.cfg)
+        for key, value in mine.items():
+            saved = state["batching"].get(key)
+            if saved != value:
+                raise ValueError(
+                    f"the data loader state was saved with batching {key}={saved}, but this run has {key}={value}; "
+                    "resume with the same data batching settings (micro_batch_size, max_tokens_per_batch, "
+                    "group_by_modality_length, packing, max_tokens_per_row, batching_window)"
+                )
+        self.source.load_state_dict(state["source"])  # checks the shards/ranks now, applies on iteration
+        self._pending = copy.deepcopy(state)
+        self.taken = Counter(state["counters"]["sources"])
+
+
+def loader_counters(loader) -> dict[str, Counter]:
+    """{"skipped": per reason, "sources": samples handed out per source}, summed over the loader's workers.
+
+    Without workers the dataset in this process is the one reading; with workers it is an
+    unused copy, and the workers' counts travel in the loader state."""
+    if loader.num_workers == 0:
+        dataset = loader.dataset
+        return {"skipped": Counter(dataset.skipped), "sources": Counter(dataset.taken)}
+    total = {"skipped": Counter(), "sources": Counter()}
+    _collect(loader.state_dict(), total)
+    return total
+
+
+def _collect(node, total: dict[str, Counter]) -> None:
+    if isinstance(node, dict):
+        if "counters" in node:
+            for name, counts in node["counters"].items():
+                total[name].update(counts)
+            return
+        for value in node.values():
+            _collect(value, total)
