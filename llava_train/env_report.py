@@ -114,10 +114,11 @@ def _deepspeed_ops() -> dict:
 
 
 def _torchrun_forwards_signals() -> bool:
-    """torchrun can pass SIGUSR1 on to the ranks (`--signals-to-handle`), which SLURM preemption needs."""
+    """torchrun can pass SIGUSR1 on to the ranks and give them time to checkpoint
+    (`--signals-to-handle`, `--shutdown-timeout`), as launch/slurm/train.sbatch asks it to."""
     from torch.distributed.launcher.api import LaunchConfig
 
-    return "signals_to_handle" in LaunchConfig.__dataclass_fields__
+    return {"signals_to_handle", "shutdown_timeout"} <= set(LaunchConfig.__dataclass_fields__)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -141,8 +142,9 @@ def problems(facts: dict, recipe: Recipe | None = None) -> list[str]:
         out.append(f"an NVIDIA GPU is present but torch {versions['torch']} is a CPU-only build; install the "
                    "torch build for your CUDA version (README: Quick start)")
     if not facts["torchrun_forwards_signals"]:
-        out.append("this torch's torchrun has no --signals-to-handle, so it does not pass SLURM's SIGUSR1 on to "
-                   "the ranks: use `#SBATCH --signal=TERM@120` with launch/slurm/train.sbatch, or upgrade torch")
+        out.append("this torch's torchrun has no --signals-to-handle/--shutdown-timeout, which launch/slurm/"
+                   "train.sbatch passes so that SLURM's SIGUSR1 reaches the ranks: upgrade torch, or drop those "
+                   "two options from the script and use `#SBATCH --signal=TERM@120` (torchrun forwards SIGTERM)")
     if facts["world_size"] > 1 and "MASTER_ADDR" not in facts["env"]:
         out.append(f"WORLD_SIZE={facts['world_size']} but MASTER_ADDR is not set: start multi-process runs "
                    "through torchrun, the deepspeed launcher or launch/slurm/train.sbatch")

@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
 NAN_TRAIN = Path(__file__).resolve().parent / "nan_train.py"
 
 
@@ -199,8 +198,9 @@ def resume_and_compare(demo_data: Path, workdir: Path, output_dir: Path, start: 
     workdir.mkdir(parents=True, exist_ok=True)
     r = fault_recipe(demo_data, output_dir, max_steps=start + 2)
     proc = run_job(torchrun_cmd(write_recipe(r, workdir), "--resume", "auto"), workdir)
-    assert proc.returncode == 0, (workdir / "job.log").read_text()[-4000:]
-    assert f"resumed from {output_dir / 'checkpoints' / f'step-{start}'} at step {start}" in (workdir / "job.log").read_text()
+    log = (workdir / "job.log").read_text()
+    assert proc.returncode == 0, log[-4000:]
+    assert f"resumed from {output_dir / 'checkpoints' / f'step-{start}'} at step {start}" in log
     got = losses(output_dir)
     for step in (start + 1, start + 2):
         assert got[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -264,13 +264,12 @@ def estimate_from_params(num_params: int, num_trainable: int) -> int:
     return 8 * num_params + 12 * num_trainable
 
 
-def require_free_space(root: str | Path, needed: int, basis: str) -> None:
+def require_free_space(root: str | Path, needed: int) -> None:
     """Raise the ENOSPC that writing would hit, before writing anything. Filesystems that
     report no size at all (some network mounts) are not judged."""
     usage = shutil.disk_usage(_existing(root))
     if usage.total > 0 and usage.free < needed:
-        raise OSError(errno.ENOSPC, f"{format_bytes(usage.free)} free, about {format_bytes(needed)} needed ({basis})",
-                      str(root))
+        raise OSError(errno.ENOSPC, "too little free space, found before writing anything")
 
 
 def _existing(path: Path) -> Path:
@@ -293,9 +292,9 @@ def disk_full_message(root: str | Path, step: int, needed: int, basis: str, caus
     why = f" ({cause})" if cause is not None else " (another rank ran out of space)"
     return (
         f"not enough disk space to save checkpoint step-{step} in {root}{why}: it needs about "
-        f"{format_bytes(needed)} ({basis}) and {format_bytes(free)} are free. The partial checkpoint was "
-        f"removed and {kept}. Free some space (or lower train.keep_last, or point train.output_dir at a "
-        "larger disk), then continue with --resume auto"
+        f"{format_bytes(needed)} ({basis}) and {format_bytes(free)} are free. Whatever was written of it "
+        f"is removed and {kept}. Free some space (older step-N folders you no longer need, say) "
+        "or point train.output_dir at a larger disk, then continue with --resume auto"
     )
 
 

@@ -50,7 +50,8 @@ def check_resumable(path: str | Path, recipe: Recipe, world_size: int) -> dict:
     if saved_world != world_size:
         raise ckpt.CheckpointError(
             f"{path} was written by {saved_world} ranks but this run has {world_size}; "
-            "resume with the same number of ranks"
+            "resume with the same number of ranks, or start a new run from its weights with "
+            f"stage.init_from={path} (optimizer and data position start fresh)"
         )
     saved_recipe = manifest.get("recipe")
     if isinstance(saved_recipe, dict):

@@ -16,6 +16,7 @@ from llava_train.data import pipeline
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.io import load_weights, model_files_dir, save_model_files, WEIGHTS
 from llava_train.model.mllm import MultimodalLM
+from llava_train.model.zero3 import mark_zero3_leaf_modules
 from llava_train.objectives.lm import OBJECTIVES, ObjectiveOutput
 from llava_train.recipe import Recipe
 from llava_train.train import checkpoint as ckpt
@@ -130,6 +131,8 @@ class Trainer:
             register_external_parameter(module, self.model.output_embeddings.weight)
         if self._autocast:
             ds_config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
+        if self.cfg.zero_stage == 3:
+            mark_zero3_leaf_modules(self.model)  # data-dependent modules (experts) are gathered whole
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
         self.optimizer = optimizer  # what DeepSpeed steps at each boundary, under every ZeRO stage
         bf16_weights = self.cfg.precision == "bf16" and not self._autocast
@@ -199,7 +202,7 @@ class Trainer:
             received = self.stop.received.name if self.stop.received else "a stop signal on another rank"
             log.warning("%s: stopping after step %d; checkpoint %s (%.1f s); exit code %d asks for a requeue",
                         received, self.step, here, time.perf_counter() - start, EXIT_PREEMPTED)
-        return TrainResult(self.step, last_loss, None, here, preempted=True)
+        return TrainResult(step=self.step, last_loss=last_loss, eval_loss=None, checkpoint=here, preempted=True)
 
     def _train_step(self, peak_flops: float) -> dict:
         """One optimizer step over `grad_accum` micro-batches, with the loss normalised by the
@@ -307,7 +310,7 @@ class Trainer:
         tmp = self.ckpt_root / f".step-{self.step}.partial"  # made by rank 0, written by every rank
         with self._all_ranks_or_none(tmp, space):  # each phase ends in a collective (also a barrier)
             if d.is_main:
-                ckpt.require_free_space(self.ckpt_root, *space)
+                ckpt.require_free_space(self.ckpt_root, space[0])
                 ckpt.begin_save(self.ckpt_root, self.step)
         with self._all_ranks_or_none(tmp, space):
             self.engine.save_checkpoint(str(tmp), tag="deepspeed")
@@ -366,10 +369,13 @@ class Trainer:
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    value = value.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-    return value
+    """Sum a small CPU tensor over ranks; NCCL only reduces GPU tensors, so it travels there and back."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value.clone()
+    on_gpu = dist.get_backend() == "nccl"
+    reduced = value.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else value.clone()
+    dist.all_reduce(reduced)
+    return reduced.cpu()
 
 
 def train(recipe: Recipe) -> TrainResult:
