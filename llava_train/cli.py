@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a Hugging Face Llava folder from a checkpoint")
     export.add_argument("checkpoint")
     export.add_argument("out")
+    export.add_argument("--keep-lora", action="store_true", help="base weights + a peft adapter instead of merging")
 
     gen = sub.add_parser("generate", help="answer a prompt about an image")
     gen.add_argument("checkpoint")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from llava_train.model.export import export_checkpoint
 
-        print(f"exported to {export_checkpoint(args.checkpoint, args.out)}")
+        print(f"exported to {export_checkpoint(args.checkpoint, args.out, keep_lora=args.keep_lora)}")
         return 0
     if args.command == "generate":
         return _generate(args)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -86,3 +87,13 @@ def test_two_ranks_match_one(demo_data, tmp_path, single_process, zero, offload,
         assert vision_keys and all(k in ours for k in vision_keys)
         for key in vision_keys:
             assert ours[key].shape == ref[key].shape and (ours[key] == ref[key]).all(), key
+        # The consolidated weights export in a single process, whatever world size wrote them.
+        from transformers import LlavaForConditionalGeneration
+
+        from llava_train.model.export import export_checkpoint
+
+        export_checkpoint(tmp_path / "out" / "checkpoints" / f"step-{STEPS}", tmp_path / "hf")
+        hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+        tower = dict(hf.model.vision_tower.named_parameters())
+        for key in vision_keys:
+            assert torch.equal(tower[key.removeprefix("vision.encoder.")], ours[key]), key

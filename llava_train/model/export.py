@@ -6,6 +6,7 @@ tower and LM are plain HF modules, so export copies module state dicts; no key r
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -51,11 +52,20 @@ def check_exportable(model: MultimodalLM) -> None:
         )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, image_mode: str = "resize") -> Path:
-    """Write `out_dir` loadable by `LlavaForConditionalGeneration.from_pretrained` (safetensors)."""
-    model, tokenizer = load_model_files(checkpoint, merge=True)
-    hf = to_hf_llava(model)
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, image_mode: str = "resize", keep_lora: bool = False
+) -> Path:
+    """Write `out_dir` loadable by `LlavaForConditionalGeneration.from_pretrained` (safetensors).
+
+    LoRA adapters are merged into the LM, unless `keep_lora`: then `out_dir` holds the base
+    weights and `out_dir/adapter/` a peft adapter addressed to the exported Llava's module
+    names (`PeftModel.from_pretrained(llava, out_dir / "adapter")`).
+    """
+    model, tokenizer = load_model_files(checkpoint, merge=not keep_lora)
     out_dir = Path(out_dir)
+    if keep_lora and hasattr(model.lm, "peft_config"):
+        model.lm = save_adapter_for_llava(model.lm, out_dir / "adapter", base_path=out_dir)
+    hf = to_hf_llava(model)
     hf.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     processor = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
@@ -75,6 +85,31 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, image_mode: s
     return out_dir
 
 
-@torch.no_grad()
-def hf_logits(hf: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values) -> torch.Tensor:
-    return hf(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+def save_adapter_for_llava(peft_lm, adapter_dir: Path, base_path: Path):
+    """Save the LM's LoRA adapter renamed into the exported Llava's module tree; return the bare LM.
+
+    In llava_train the adapter sits on a causal LM (`model.layers...`); in transformers' Llava the
+    same layers live under `model.language_model.layers...`, so target names and weight keys move.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    decoder_name = _child_name(peft_lm.get_base_model(), peft_lm.get_base_model().get_decoder())
+    rename = lambda name: name.replace(f"{decoder_name}.", "model.language_model.", 1)  # noqa: E731
+    config = copy.deepcopy(peft_lm.peft_config["default"])
+    config.target_modules = sorted(rename(name) for name in config.target_modules)
+    config.base_model_name_or_path = str(base_path)
+    state = get_peft_model_state_dict(peft_lm)
+    prefix = "base_model.model."
+    renamed = {prefix + rename(key[len(prefix) :]): value.contiguous() for key, value in state.items()}
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(adapter_dir)
+    save_file(renamed, str(adapter_dir / "adapter_model.safetensors"))
+    return peft_lm.unload()  # base weights without the adapters' contribution
+
+
+def _child_name(parent: torch.nn.Module, child: torch.nn.Module) -> str:
+    for name, module in parent.named_children():
+        if module is child:
+            return name
+    raise ValueError(f"{type(child).__name__} is not a direct child of {type(parent).__name__}")
