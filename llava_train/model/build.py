@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
@@ -12,6 +13,7 @@ from llava_train.model.connectors import build_connector
 from llava_train.model.mllm import MultimodalLM
 from llava_train.model.stages import StagePreset, resolve_stage
 from llava_train.model.vision import VisionTower, build_vision_encoder
+from llava_train.model.zero3 import partitioned_loading
 from llava_train.recipe import LoraConfig, ModelConfig, StageConfig
 
 log = logging.getLogger(__name__)
@@ -38,25 +40,44 @@ def build_language_model(path: str | None, config: dict | PretrainedConfig | Non
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
 
 
-def build_model(cfg: ModelConfig, tokenizer) -> MultimodalLM:
-    """Vision tower + connector + LM, with the LM's vocabulary grown to fit the tokenizer."""
+def build_model(cfg: ModelConfig, tokenizer, zero3_config: dict | None = None, seed: int = 0) -> MultimodalLM:
+    """Vision tower + connector + LM, with the LM's vocabulary grown to fit the tokenizer.
+
+    With `zero3_config` (a ZeRO-3 DeepSpeed config), parts loaded from a pretrained folder
+    are built directly into partitions. Random-init parts (config dicts: tests, the demo)
+    are built whole and partitioned when the engine starts, which keeps their initial
+    weights identical to a non-ZeRO run.
+    """
     attn = resolve_attn_implementation(cfg.attn_implementation)
-    encoder = build_vision_encoder(cfg.vision.path, cfg.vision.config, attn)
+    with partitioned_loading(zero3_config if cfg.vision.path else None):
+        encoder = build_vision_encoder(cfg.vision.path, cfg.vision.config, attn)
     vision = VisionTower(encoder, cfg.vision.feature_layer, cfg.vision.use_cls)
-    lm = build_language_model(cfg.lm.path, cfg.lm.config, attn)
-    return assemble(vision, lm, tokenizer, cfg.connector.type, cfg.connector.options)
+    with partitioned_loading(zero3_config if cfg.lm.path else None):
+        lm = build_language_model(cfg.lm.path, cfg.lm.config, attn)
+        fit_vocabulary(lm, tokenizer)  # gathers the embedding partitions while the context says ZeRO-3
+    return assemble(vision, lm, tokenizer, cfg.connector.type, cfg.connector.options, seed)
 
 
-def assemble(vision: VisionTower, lm: nn.Module, tokenizer, connector_type: str, connector_options: dict):
+def fit_vocabulary(lm: nn.Module, tokenizer) -> None:
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
-    connector = build_connector(
-        connector_type,
-        vision_hidden=vision.hidden_size,
-        lm_hidden=lm.config.hidden_size,
-        num_features=vision.num_features,
-        **connector_options,
-    )
+
+
+def assemble(
+    vision: VisionTower, lm: nn.Module, tokenizer, connector_type: str, connector_options: dict, seed: int = 0
+):
+    fit_vocabulary(lm, tokenizer)
+    # The connector's random init comes from its own seed, not from whatever the tower and LM
+    # builds drew before it (loading under zero.Init draws differently from a plain load).
+    with torch.random.fork_rng(devices=[]):  # CPU generator only: the connector is built on the CPU
+        torch.manual_seed(seed)
+        connector = build_connector(
+            connector_type,
+            vision_hidden=vision.hidden_size,
+            lm_hidden=lm.config.hidden_size,
+            num_features=vision.num_features,
+            **connector_options,
+        )
     return MultimodalLM(vision, connector, lm, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 

@@ -105,17 +105,25 @@ def _encoder_from_config(config) -> torch.nn.Module:
 
 
 def load_weights(model: torch.nn.Module, path: Path, allow_missing_lora: bool = False) -> None:
-    """Load a consolidated state dict, naming any shape mismatch or missing key."""
+    """Load a consolidated state dict, naming any shape mismatch or missing key.
+
+    Parameters already partitioned by ZeRO-3 (a pretrained part built under zero.Init) are
+    gathered one at a time, written on rank 0 and re-partitioned.
+    """
     state = load_file(str(path))
-    own = model.state_dict()
+    params = dict(model.named_parameters())
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}
+    shapes.update({name: tuple(b.shape) for name, b in model.named_buffers()})
     mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: checkpoint {tuple(v.shape)} vs model {shapes[k]}"
         for k, v in state.items()
-        if k in own and own[k].shape != v.shape
+        if k in shapes and shapes[k] != tuple(v.shape)
     ]
     if mismatched:
         raise ValueError(f"{path} does not fit this model's shapes: " + "; ".join(mismatched[:5]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    own_keys = set(model.state_dict())
+    missing = sorted(own_keys - set(state))
+    unexpected = sorted(set(state) - own_keys)
     if allow_missing_lora:
         missing = [k for k in missing if "lora_" not in k]
     if missing or unexpected:
@@ -123,3 +131,16 @@ def load_weights(model: torch.nn.Module, path: Path, allow_missing_lora: bool = 
             f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
             "(was it written by a model with another architecture?)"
         )
+    partitioned = {k: state.pop(k) for k in list(state) if k in params and hasattr(params[k], "ds_id")}
+    model.load_state_dict(state, strict=False)
+    for name, value in partitioned.items():
+        _copy_into_partitioned(params[name], value)
+
+
+def _copy_into_partitioned(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))

@@ -10,6 +10,8 @@ the trainer marks every such class before the engine is built.
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 LEAF_ATTRIBUTE = "zero3_leaf"
@@ -32,3 +34,24 @@ def mark_zero3_leaf_modules(model: nn.Module, classes: list[type[nn.Module]] | N
     if not classes:
         return []
     return set_z3_leaf_modules(model, classes)
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict | None):
+    """While active, transformers builds and loads models straight into ZeRO-3 partitions.
+
+    transformers wraps `from_pretrained` in `deepspeed.zero.Init` when a live
+    `HfDeepSpeedConfig` says ZeRO-3, so no rank ever holds the full weights of a model
+    larger than its memory. It keeps only a weak reference: this context owns the object.
+    `None` (not ZeRO-3) makes it a no-op.
+    """
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    owner = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del owner

@@ -95,7 +95,8 @@ class Trainer:
     def _build_model(self) -> None:
         recipe = self.recipe
         self.tokenizer = load_tokenizer(recipe.model.tokenizer)
-        self.model = build_model(recipe.model, self.tokenizer)
+        zero3_config = build_ds_config(self.cfg, self.dist.world_size) if self.cfg.zero_stage == 3 else None
+        self.model = build_model(recipe.model, self.tokenizer, zero3_config, seed=self.cfg.seed)
         if recipe.stage.init_from:
             load_weights(self.model, model_files_dir(recipe.stage.init_from) / WEIGHTS)
         self.preset = apply_stage(self.model, recipe.stage)

@@ -1,0 +1,64 @@
+"""Pretrained parts load straight into ZeRO-3 partitions (deepspeed.zero.Init), and train like a plain run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_train.model.build import build_model, load_tokenizer
+from llava_train.recipe import ModelConfig
+from tests.conftest import TINY_LM, TINY_VISION, tiny_recipe_dict
+from tests.test_distributed import launch
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_data, tmp_path_factory) -> dict:
+    """A tiny tower and LM saved with save_pretrained: the real-checkpoint path."""
+    root = tmp_path_factory.mktemp("pretrained")
+    tokenizer = load_tokenizer(str(demo_data / "tokenizer"))
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(vision={"config": TINY_VISION}, lm={"config": TINY_LM}, tokenizer="x"), tokenizer)
+    model.vision.encoder.save_pretrained(root / "vision")
+    model.lm.save_pretrained(root / "lm")
+    return {"vision": str(root / "vision"), "lm": str(root / "lm")}
+
+
+def test_two_ranks_each_hold_half_of_the_pretrained_weights(demo_data, pretrained):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO / "tests" / "zero3_build_probe.py"), pretrained["vision"], pretrained["lm"]]
+    cmd += [str(demo_data / "tokenizer")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    assert len(reports) == 2
+    for report in reports:
+        for part in ("vision", "lm"):
+            assert report[part]["all_partitioned"], (report["rank"], part)
+            assert report[part]["held"] <= report[part]["full"] / 2 + 64  # padding to the partition size
+    assert sum(r["lm"]["held"] for r in reports) >= reports[0]["lm"]["full"]
+
+
+def test_zero3_from_pretrained_folders_matches_one_process(demo_data, pretrained, tmp_path):
+    def recipe(workdir: Path, micro: int, zero: int) -> dict:
+        r = tiny_recipe_dict(demo_data, workdir / "out", max_steps=2, micro_batch_size=micro, zero_stage=zero)
+        r["model"]["vision"] = {"path": pretrained["vision"]}
+        r["model"]["lm"] = {"path": pretrained["lm"]}
+        r["train"]["log_every"] = 1
+        r["data"]["eval"] = []
+        return r
+
+    reference = launch(recipe(tmp_path / "one", micro=8, zero=0), tmp_path / "one", nproc=1)
+    got = launch(recipe(tmp_path / "two", micro=4, zero=3), tmp_path / "two", nproc=2)
+    assert sorted(got) == [1, 2]
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), step
