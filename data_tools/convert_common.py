@@ -9,6 +9,8 @@ a shard points straight back at its source row.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import multiprocessing
 import statistics
@@ -55,7 +57,7 @@ class ConvertOptions:
             raise FileNotFoundError(f"--image-root {str(self.image_root)!r} is not a folder; pass the image folder")
 
 
-class RecordFormat:
+class RecordFormat(ABC):
     """One input format: how a row becomes a shard record. Subclasses must be picklable
     (they travel to the worker processes)."""
 
@@ -66,9 +68,9 @@ class RecordFormat:
         value = row.get(self.id_field) if isinstance(row, dict) else None
         return str(value) if value is not None else f"row-{index:09d}"
 
+    @abstractmethod
     def convert(self, row, index: int, load_image: ImageLoader) -> tuple[dict, list[tuple[str, bytes]]]:
         """(record without its "images" field, [(ext, bytes)] per image); BadSample to skip."""
-        raise NotImplementedError
 
 
 class ListSource:

@@ -11,6 +11,7 @@ tokenizer merges across a turn boundary.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from llava_train.data.batch import IGNORE_INDEX
@@ -96,7 +97,7 @@ def strip_images(text: str) -> str:
     return text.replace(IMAGE_TOKEN, "")
 
 
-class ConversationTemplate:
+class ConversationTemplate(ABC):
     """Base: turns -> pieces is template-specific; tokenising, labelling and truncation are shared."""
 
     name = "base"
@@ -118,15 +119,18 @@ class ConversationTemplate:
 
     # ------------------------------------------------------------------ per template
 
+    @abstractmethod
     def conversation_pieces(self, system: str | None, turns: list[tuple[str, str]]) -> list[Piece]:
-        raise NotImplementedError
+        """The whole conversation as pieces, each tokenised alone; answers carry labels."""
 
+    @abstractmethod
     def prompt_pieces(self, question: str) -> list[Piece]:
-        raise NotImplementedError
+        """One user turn followed by the assistant prefix, ready for generation."""
 
     @property
+    @abstractmethod
     def stop_token_ids(self) -> list[int]:
-        raise NotImplementedError
+        """Token ids that end an assistant turn."""
 
     # ------------------------------------------------------------------ shared
 
