@@ -125,6 +125,15 @@ class StageConfig(Section):
     objective: Literal["lm"] = "lm"
     loss: LossConfig = Field(default_factory=LossConfig)
 
+    @model_validator(mode="after")
+    def _lora_needs_the_lm(self):
+        if self.name == "sft_lora" and self.trainable.lm is False:
+            raise ValueError(
+                "stage.name=sft_lora trains the LM through LoRA adapters, but stage.trainable.lm=false leaves no "
+                "adapters to train; use stage.name=pretrain (connector only) or drop stage.trainable.lm"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------- data
 

@@ -10,11 +10,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from llava_train.data.templates import IMAGE_TOKEN, ensure_image_token
 from llava_train.model.connectors import build_connector
+from llava_train.model.lora import add_lora, is_peft
 from llava_train.model.mllm import MultimodalLM
 from llava_train.model.stages import StagePreset, resolve_stage
 from llava_train.model.vision import VisionTower, build_vision_encoder
 from llava_train.model.zero3 import partitioned_loading
-from llava_train.recipe import LoraConfig, ModelConfig, StageConfig
+from llava_train.recipe import ModelConfig, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,50 +101,6 @@ def apply_stage(model: MultimodalLM, stage: StageConfig) -> StagePreset:
     model.vision.requires_grad_(preset.vision)
     model.connector.requires_grad_(preset.connector)
     model.lm.requires_grad_(preset.lm and not preset.lora)
-    if preset.lora and preset.lm:
+    if preset.lora and not is_peft(model.lm):  # adapters continued from `init_from` are already there
         model.lm = add_lora(model.lm, stage.lora)
     return preset
-
-
-def lora_target_names(lm: nn.Module, suffixes: list[str]) -> list[str]:
-    """Full module names inside the LM whose last component is a target suffix.
-
-    peft receives full names, so nothing outside the decoder (never the vision tower,
-    never the LM head) can be matched by accident.
-    """
-    head = lm.get_output_embeddings()
-    names = [
-        name
-        for name, module in lm.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and name.rsplit(".", 1)[-1] in suffixes
-    ]
-    if not names:
-        raise ValueError(f"stage.lora.target_modules {suffixes} match no Linear layer of the LM")
-    return names
-
-
-def add_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=lora_target_names(lm, cfg.target_modules),
-        bias="none",
-    )
-    return get_peft_model(lm, peft_cfg)
-
-
-def merge_lora(model: MultimodalLM) -> MultimodalLM:
-    """Fold LoRA adapters into the LM weights (for export and generation)."""
-    if hasattr(model.lm, "merge_and_unload"):
-        model.lm = model.lm.merge_and_unload()
-    return model
-
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}

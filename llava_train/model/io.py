@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from llava_train.model.build import add_lora, assemble, build_language_model, load_tokenizer, merge_lora
+from llava_train.model.build import assemble, build_language_model, load_tokenizer
+from llava_train.model.lora import add_lora, merge_lora, merge_lora_state, saved_lora_config
 from llava_train.model.mllm import MultimodalLM
 from llava_train.model.vision import VisionTower
 from llava_train.recipe import LoraConfig
@@ -92,7 +93,7 @@ def load_model_files(checkpoint: str | Path, merge: bool = True) -> tuple[Multim
     model = assemble(vision, lm, tokenizer, meta["connector"]["type"], meta["connector"].get("options", {}))
     if meta["lora"] is not None:
         model.lm = add_lora(model.lm, LoraConfig(**meta["lora"]))
-    load_weights(model, folder / WEIGHTS)
+    load_weights(model, load_file(str(folder / WEIGHTS)), source=folder / WEIGHTS)
     if merge:
         merge_lora(model)
     return model.eval(), tokenizer
@@ -104,13 +105,41 @@ def _encoder_from_config(config) -> torch.nn.Module:
     return AutoModel.from_config(config, attn_implementation="sdpa")
 
 
-def load_weights(model: torch.nn.Module, path: Path, allow_missing_lora: bool = False) -> None:
+def read_meta(checkpoint: str | Path) -> dict:
+    return json.loads((model_files_dir(checkpoint) / META).read_text())
+
+
+def initialise_from(model: MultimodalLM, checkpoint: str | Path, stage_lora: LoraConfig | None) -> str:
+    """Load an earlier stage's weights into `model` (built plain, before the stage is applied).
+
+    LoRA adapters in the checkpoint are continued when this stage trains the same adapters
+    (`stage_lora` equal to the saved config), otherwise folded into the base weights. Returns
+    a sentence for the log saying which.
+    """
+    folder = model_files_dir(checkpoint)
+    saved = saved_lora_config(read_meta(folder))
+    state = load_file(str(folder / WEIGHTS))
+    if saved is None:
+        how = "full weights"
+    elif stage_lora is not None and saved == stage_lora:
+        model.lm = add_lora(model.lm, saved)
+        how = "its LoRA adapters continue training"
+    else:
+        state = merge_lora_state(state, saved)
+        how = "its LoRA adapters merged into the base weights" + (
+            " (this stage adds fresh adapters: its stage.lora differs)" if stage_lora is not None else ""
+        )
+    load_weights(model, state, source=folder / WEIGHTS)
+    return f"initialised from {checkpoint}: {how}"
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path = "<state>") -> None:
     """Load a consolidated state dict, naming any shape mismatch or missing key.
 
     Parameters already partitioned by ZeRO-3 (a pretrained part built under zero.Init) are
     gathered one at a time, written on rank 0 and re-partitioned.
     """
-    state = load_file(str(path))
+    state = dict(state)
     params = dict(model.named_parameters())
     shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}
     shapes.update({name: tuple(b.shape) for name, b in model.named_buffers()})
@@ -120,15 +149,13 @@ def load_weights(model: torch.nn.Module, path: Path, allow_missing_lora: bool = 
         if k in shapes and shapes[k] != tuple(v.shape)
     ]
     if mismatched:
-        raise ValueError(f"{path} does not fit this model's shapes: " + "; ".join(mismatched[:5]))
+        raise ValueError(f"{source} does not fit this model's shapes: " + "; ".join(mismatched[:5]))
     own_keys = set(model.state_dict())
     missing = sorted(own_keys - set(state))
     unexpected = sorted(set(state) - own_keys)
-    if allow_missing_lora:
-        missing = [k for k in missing if "lora_" not in k]
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
             "(was it written by a model with another architecture?)"
         )
     partitioned = {k: state.pop(k) for k in list(state) if k in params and hasattr(params[k], "ds_id")}

@@ -14,7 +14,8 @@ from torch import nn
 
 from llava_train.data import pipeline
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
-from llava_train.model.io import load_weights, model_files_dir, save_model_files, WEIGHTS
+from llava_train.model.stages import resolve_stage
+from llava_train.model.io import initialise_from, save_model_files
 from llava_train.model.mllm import MultimodalLM
 from llava_train.model.zero3 import mark_zero3_leaf_modules
 from llava_train.objectives.lm import OBJECTIVES, ObjectiveOutput
@@ -98,7 +99,10 @@ class Trainer:
         zero3_config = build_ds_config(self.cfg, self.dist.world_size) if self.cfg.zero_stage == 3 else None
         self.model = build_model(recipe.model, self.tokenizer, zero3_config, seed=self.cfg.seed)
         if recipe.stage.init_from:
-            load_weights(self.model, model_files_dir(recipe.stage.init_from) / WEIGHTS)
+            lora = recipe.stage.lora if resolve_stage(recipe.stage).lora else None
+            message = initialise_from(self.model, recipe.stage.init_from, lora)
+            if self.dist.is_main:
+                log.info(message)
         self.preset = apply_stage(self.model, recipe.stage)
         if recipe.model.gradient_checkpointing:
             self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
