@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -95,6 +95,7 @@ class LearningRates(Section):
     vision: float | None = None  # None = train.lr
     connector: float | None = None
     lm: float | None = None
+    modules: float | None = None  # attached modules' own parameters (a module's `lr` option wins)
 
 
 class LoraConfig(Section):
@@ -122,8 +123,18 @@ class StageConfig(Section):
     lr: LearningRates = Field(default_factory=LearningRates)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     init_from: str | None = None  # a checkpoint folder (step-N) of an earlier stage
-    objective: Literal["lm"] = "lm"
-    loss: LossConfig = Field(default_factory=LossConfig)
+    # `lm`, or `{type: NAME, ...options}` of a registered objective (validated in llava_train/composition.py)
+    objective: dict[str, Any] = Field(default_factory=lambda: {"type": "lm"})
+    loss: LossConfig = Field(default_factory=LossConfig)  # the LM cross-entropy (also the CE term of kd/dpo)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_by_name(cls, value):
+        if isinstance(value, str):
+            return {"type": value}
+        if isinstance(value, dict) and "type" not in value:
+            raise ValueError("stage.objective needs a `type` (e.g. lm)")
+        return value
 
     @model_validator(mode="after")
     def _lora_needs_the_lm(self):
@@ -252,7 +263,11 @@ class TrainConfig(Section):
 
 
 class Recipe(Section):
+    plugins: list[str] = Field(default_factory=list)  # python modules imported first: they register modules/objectives
     model: ModelConfig
+    # Technique modules attached to the model, `- {type: NAME, ...options}`; each validated by its own schema
+    # (llava_train/modules/, llava_train/composition.py).
+    modules: list[dict[str, Any]] = Field(default_factory=list)
     stage: StageConfig = Field(default_factory=StageConfig)
     data: DataConfig
     train: TrainConfig
@@ -273,10 +288,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
+    """Schema first, then every cross-section rule (modules, objective, stage, data, engine)."""
+    from llava_train.composition import check_composition, import_plugins
+
+    if isinstance(raw, dict):
+        import_plugins(raw.get("plugins") or [], source)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        raise RecipeError(f"{source}: " + describe_errors(exc)) from None
+    check_composition(recipe, source)
+    return recipe
+
+
+def describe_errors(exc: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    """Each error with its full key path; `root`/`prefix`: errors of a sub-schema (a module's options)
+    validated on its own, reported under the recipe path `prefix`."""
+    return "; ".join(_describe(err, prefix, root or Recipe) for err in exc.errors())
 
 
 def _read_with_inheritance(path: Path, seen: tuple[Path, ...]) -> dict:
@@ -346,12 +374,12 @@ _TYPE_NAMES = {
 }
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, prefix: str = "", root: type[BaseModel] | None = None) -> str:
     loc = [str(part) for part in err["loc"]]
-    where = ".".join(loc) or "<root>"
+    where = ".".join(([prefix] if prefix else []) + loc) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"unknown key `{where}`" + _nearest_hint(loc)
+        return f"unknown key `{where}`" + _nearest_hint(loc, prefix, root or Recipe)
     if kind == "missing":
         return f"missing required key `{where}`"
     if kind == "value_error":  # our own validators: the message is the whole story
@@ -362,20 +390,20 @@ def _describe(err: dict) -> str:
     return f"`{where}`: {err['msg']} (got {got!r})"
 
 
-def _nearest_hint(loc: list[str]) -> str:
-    section = _section_at(loc[:-1])
+def _nearest_hint(loc: list[str], outer: str, root: type[BaseModel]) -> str:
+    section = _section_at(loc[:-1], root)
     if section is None:
         return ""
     valid = list(section.model_fields)
     close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-    prefix = ".".join(loc[:-1])
+    prefix = ".".join(([outer] if outer else []) + loc[:-1])
     if close:
         return f"; did you mean `{prefix + '.' if prefix else ''}{close[0]}`?"
     return f"; valid keys here: {', '.join(valid)}"
 
 
-def _section_at(loc: list[str]) -> type[BaseModel] | None:
-    section: type[BaseModel] = Recipe
+def _section_at(loc: list[str], root: type[BaseModel]) -> type[BaseModel] | None:
+    section: type[BaseModel] = root
     for key in loc:
         field = section.model_fields.get(key)
         annotation = getattr(field, "annotation", None)

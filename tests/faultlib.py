@@ -19,28 +19,24 @@ import yaml
 NAN_TRAIN = Path(__file__).resolve().parent / "nan_train.py"
 
 
-def poisoned(objective_factory, bad_calls: set[int], how: str = "mul"):
-    """Wrap an objective factory so that forward number k (1-based, this process) in `bad_calls`
+def poisoned(objective_cls, bad_calls: set[int], how: str = "mul"):
+    """A subclass of an objective whose forward number k (1-based, this process) in `bad_calls`
     returns a NaN loss made from the real one. `mul` (loss * NaN) is a NaN whose backward
     poisons every gradient behind it, like activations that overflowed; `add` (loss + NaN) is a
     NaN in the loss value only, like a 0/0 in the loss, whose gradients can stay finite."""
 
-    def factory(loss_cfg):
-        objective = objective_factory(loss_cfg)
+    class Poisoned(objective_cls):
         calls = 0
 
-        def wrapped(model, batch):
-            nonlocal calls
-            calls += 1
-            out = objective(model, batch)
-            if calls in bad_calls:
+        def forward(self, model, batch):
+            out = super().forward(model, batch)
+            type(self).calls += 1
+            if type(self).calls in bad_calls:
                 nan = float("nan")
                 out = dataclasses.replace(out, loss_sum=out.loss_sum * nan if how == "mul" else out.loss_sum + nan)
             return out
 
-        return wrapped
-
-    return factory
+    return Poisoned
 
 
 def metrics(output_dir: Path) -> dict[int, dict]:

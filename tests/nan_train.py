@@ -7,9 +7,9 @@ import sys
 from faultlib import poisoned  # this script's folder is on sys.path
 
 from llava_train.cli import main
-from llava_train.objectives import lm
+from llava_train.objectives import OBJECTIVES
 
 if int(os.environ["RANK"]) == int(os.environ["NAN_RANK"]):
     calls = {int(call) for call in os.environ["NAN_CALLS"].split(",")}
-    lm.OBJECTIVES["lm"] = poisoned(lm.OBJECTIVES["lm"], calls)
+    OBJECTIVES["lm"] = poisoned(OBJECTIVES["lm"], calls)
 sys.exit(main(sys.argv[1:]))

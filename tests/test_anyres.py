@@ -117,7 +117,7 @@ def test_one_image_placeholder_becomes_a_span_per_tile_and_trains(tokenizer, mod
     text_only = encoder(raw_sample([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], {}))
     batch = collate([example, text_only], tokenizer.pad_token_id, model.image_token_id)
     assert batch.pixel_values.shape == (3, 3, 32, 32) and batch.image_sample_index.tolist() == [0, 0, 0]
-    hidden = model(batch)  # the mlp connector sees three separate images
+    hidden = model(batch).hidden_states  # the mlp connector sees three separate images
     targets = batch.labels[:, 1:]
     supervised = hidden[:, :-1][targets != IGNORE_INDEX]
     loss = torch.nn.functional.cross_entropy(model.output_embeddings(supervised), targets[targets != IGNORE_INDEX])

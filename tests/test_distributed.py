@@ -26,7 +26,9 @@ def launch(recipe: dict, workdir: Path, nproc: int, launcher: str = "torchrun") 
     workdir.mkdir(parents=True, exist_ok=True)
     recipe_file = workdir / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
+    repo = str(Path(__file__).resolve().parent.parent)  # recipes may name test plugins (tests.fixture_modules)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
     else:  # the deepspeed launcher passes --local_rank, which the CLI accepts and ignores

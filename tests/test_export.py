@@ -36,11 +36,11 @@ def test_export_round_trip_gives_equal_logits(tokenizer_dir, tmp_path, vision, l
     ]
     batch = collate(examples, tokenizer.pad_token_id, model.image_token_id)
     with torch.no_grad():
-        ours = reloaded.output_embeddings(reloaded(batch))
+        ours = reloaded.output_embeddings(reloaded(batch).hidden_states)
         theirs = hf(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
         ).logits
-        original = model.output_embeddings(model(batch))
+        original = model.output_embeddings(model(batch).hidden_states)
     real = batch.attention_mask.bool()
     assert torch.allclose(ours[real], original[real], atol=1e-6)
     torch.testing.assert_close(theirs[real], ours[real], atol=1e-4, rtol=1e-4)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llava_train.objectives import lm
+from llava_train.objectives import OBJECTIVES
 from llava_train.recipe import validate_recipe
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import trainer as trainer_module
@@ -54,7 +54,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_nonfinite_loss_skips_the_update_and_training_goes_on(demo_data, tmp_path, monkeypatch, zero, how):
     # grad_accum=2 and NaN in the *second* micro-batch of step 2: the first one's gradient is
     # already accumulated inside DeepSpeed and must be dropped as well.
-    monkeypatch.setitem(lm.OBJECTIVES, "lm", faultlib.poisoned(lm.OBJECTIVES["lm"], {4}, how))
+    monkeypatch.setitem(OBJECTIVES, "lm", faultlib.poisoned(OBJECTIVES["lm"], {4}, how))
     r = recipe(demo_data, tmp_path, max_steps=3, grad_accum=2, zero_stage=zero, save_every=1, keep_last=3)
     r["train"]["min_lr_ratio"] = 0.0  # a decaying schedule, to see that it stays in step
     run(r)
@@ -75,7 +75,7 @@ def test_nonfinite_loss_skips_the_update_and_training_goes_on(demo_data, tmp_pat
 
 
 def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(lm.OBJECTIVES, "lm", faultlib.poisoned(lm.OBJECTIVES["lm"], set(range(4, 100))))
+    monkeypatch.setitem(OBJECTIVES, "lm", faultlib.poisoned(OBJECTIVES["lm"], set(range(4, 100))))
     r = recipe(demo_data, tmp_path, max_steps=20, save_every=2, max_bad_steps=3)
     with pytest.raises(NonFiniteLossError) as info:
         run(r)
@@ -89,7 +89,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(demo_dat
 
 
 def test_a_good_step_resets_the_streak(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(lm.OBJECTIVES, "lm", faultlib.poisoned(lm.OBJECTIVES["lm"], {2, 3, 5, 6}))
+    monkeypatch.setitem(OBJECTIVES, "lm", faultlib.poisoned(OBJECTIVES["lm"], {2, 3, 5, 6}))
     result = run(recipe(demo_data, tmp_path, max_steps=7, max_bad_steps=3))
     assert result.step == 7
     assert faultlib.metrics(tmp_path)[7]["nonfinite_skipped"] == 4

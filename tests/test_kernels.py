@@ -223,33 +223,36 @@ def test_backend_resolution():
 
 def test_lm_objective_uses_recipe_loss_options():
     """The objective's loss_sum is the naive CE (+ z-loss) over supervised next tokens only."""
-    from llava_train.model.aux import AuxLosses
-    from llava_train.objectives.lm import OBJECTIVES
+    from types import SimpleNamespace
+
+    from llava_train.model.mllm import ModelOutput
+    from llava_train.objectives import OBJECTIVES
     from llava_train.recipe import LossConfig
 
-    class Stub(torch.nn.Module):  # just enough of MultimodalLM: hidden states, a head, the aux store
+    class Stub(torch.nn.Module):  # just enough of MultimodalLM: hidden states and a head
         def __init__(self):
             super().__init__()
             self.head = torch.nn.Linear(D, V)
-            self.aux = AuxLosses()
 
         @property
         def output_embeddings(self):
             return self.head
 
         def forward(self, batch):
-            return batch.hidden
+            return ModelOutput(batch.hidden)
 
     class FakeBatch:
         hidden = torch.randn(2, 6, D)
         labels = torch.tensor([[-100, -100, 5, 7, 9, -100], [-100, 3, 4, -100, -100, -100]])
 
     model, batch = Stub(), FakeBatch()
-    objective = OBJECTIVES["lm"](LossConfig(chunk_size=2, label_smoothing=0.1, z_loss=1e-2, backend="torch"))
+    loss = LossConfig(chunk_size=2, label_smoothing=0.1, z_loss=1e-2, backend="torch")
+    build = SimpleNamespace(recipe=SimpleNamespace(stage=SimpleNamespace(loss=loss)))
+    objective = OBJECTIVES["lm"](OBJECTIVES["lm"].Options(), build)
     out = objective(model, batch)
     mask = batch.labels[:, 1:] != -100
     picked, targets = batch.hidden[:, :-1][mask], batch.labels[:, 1:][mask]
     head = model.head
     want = naive_linear_cross_entropy(picked, head.weight, targets, bias=head.bias, label_smoothing=0.1, z_loss=1e-2)
     torch.testing.assert_close(out.loss_sum, want, rtol=1e-5, atol=1e-5)
-    assert out.num_tokens == 5 and out.metrics["z_loss_sum"] > 0
+    assert out.count == 5 and out.metrics["z_loss_sum"] > 0

@@ -32,8 +32,8 @@ def test_sft_lora_trains_adapters_and_merges_exactly(demo_data, tmp_path):
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     batch = make_batch(merged, tokenizer)
     with torch.no_grad():
-        torch.testing.assert_close(merged(batch), unmerged(batch), atol=1e-5, rtol=1e-5)
-        ours = merged.output_embeddings(merged(batch))
+        torch.testing.assert_close(merged(batch).hidden_states, unmerged(batch).hidden_states, atol=1e-5, rtol=1e-5)
+        ours = merged.output_embeddings(merged(batch).hidden_states)
 
     export_checkpoint(result.checkpoint, tmp_path / "hf")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
@@ -52,7 +52,7 @@ def test_export_keeping_lora_as_a_peft_adapter(demo_data, tmp_path):
     base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
     with torch.no_grad():
-        ours = unmerged.output_embeddings(unmerged(batch))
+        ours = unmerged.output_embeddings(unmerged(batch).hidden_states)
         without_adapter = base(**inputs).logits
         adapted = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
         with_adapter = adapted(**inputs).logits

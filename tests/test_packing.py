@@ -84,7 +84,7 @@ def make_examples(model, tokenizer) -> list[Example]:
 
 def per_sample_losses(model, batch) -> torch.Tensor:
     """Summed next-token loss per sample, at the positions the `lm` objective supervises."""
-    hidden = model(batch)
+    hidden = model(batch).hidden_states
     mask, targets = supervised_positions(batch.labels)
     owner = batch.sequence_ids[:, :-1][mask]
     logits = model.output_embeddings(hidden[:, :-1][mask])

@@ -28,7 +28,7 @@ def run_stage(demo_data, out, name, init_from=None, **stage):
 
 def logits(model, batch):
     with torch.no_grad():
-        return model.output_embeddings(model(batch))
+        return model.output_embeddings(model(batch).hidden_states)
 
 
 def hf_logits(folder, batch, adapter=None):

@@ -7,14 +7,19 @@ tower and LM are plain HF modules, so export copies module state dicts; no key r
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from llava_train.data.images import ImageProcessor
-from llava_train.model.io import load_model_files
+from llava_train.model.io import load_model_files, model_files_dir
+from llava_train.modules.attach import merge_module
 from llava_train.model.mllm import MultimodalLM
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -63,6 +68,8 @@ def export_checkpoint(
     """
     model, tokenizer = load_model_files(checkpoint, merge=not keep_lora)
     out_dir = Path(out_dir)
+    if not modules_fold_away(model):
+        return export_llava_train_format(checkpoint, model, out_dir)
     if keep_lora and hasattr(model.lm, "peft_config"):
         model.lm = save_adapter_for_llava(model.lm, out_dir / "adapter", base_path=out_dir)
     hf = to_hf_llava(model)
@@ -82,6 +89,27 @@ def export_checkpoint(
         vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
         num_additional_image_tokens=int(model.vision.has_cls_token),
     ).save_pretrained(out_dir)
+    return out_dir
+
+
+def modules_fold_away(model: MultimodalLM) -> bool:
+    """Merge the attached modules that declare `merge`; False when one must stay (`keep`), in which
+    case transformers' Llava cannot hold the model. A `refuse` module stops the export."""
+    refused = [m.name for m in model.attachments if m.export == "refuse"]
+    if refused:
+        raise ValueError(f"module {refused[0]} declares that it cannot be exported; use the checkpoint itself")
+    for module in [m for m in model.attachments if m.export == "merge"]:
+        merge_module(model, module)
+    return not model.attachments
+
+
+def export_llava_train_format(checkpoint: str | Path, model: MultimodalLM, out_dir: Path) -> Path:
+    kept = ", ".join(m.name for m in model.attachments)
+    shutil.copytree(model_files_dir(checkpoint), out_dir, dirs_exist_ok=True)
+    log.warning(
+        "transformers' LlavaForConditionalGeneration cannot hold module(s) %s: %s holds the llava_train format "
+        "instead (load it with `llava-train generate` / `llava_train.model.io.load_model_files`)", kept, out_dir
+    )
     return out_dir
 
 

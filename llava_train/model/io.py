@@ -16,9 +16,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from llava_train.model.build import assemble, build_language_model, load_tokenizer
-from llava_train.model.lora import add_lora, merge_lora, merge_lora_state, saved_lora_config
+from llava_train.model.lora import add_lora, merge_lora_state, saved_lora_config
 from llava_train.model.mllm import MultimodalLM
 from llava_train.model.vision import VisionTower
+from llava_train.model.zero3 import partitioned_loading
+from llava_train.modules.attach import attach_modules, merge_module, module_specs
+from llava_train.modules.base import build_module
 from llava_train.recipe import LoraConfig
 
 WEIGHTS = "model.safetensors"
@@ -66,6 +69,7 @@ def save_model_files(model: MultimodalLM, tokenizer, out_dir: Path, rank: int, l
         "connector": connector,
         "image_token_id": model.image_token_id,
         "lora": lora.model_dump() if lora is not None else None,
+        "modules": module_specs(model),  # re-attached before the weights load (export, generate, init_from)
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2))
 
@@ -81,21 +85,30 @@ def model_files_dir(checkpoint: str | Path) -> Path:
     return folder
 
 
-def load_model_files(checkpoint: str | Path, merge: bool = True) -> tuple[MultimodalLM, object]:
-    """Rebuild the model from a checkpoint's model files; LoRA adapters are merged unless `merge=False`."""
+def load_model_files(
+    checkpoint: str | Path, merge: bool = True, zero3_config: dict | None = None
+) -> tuple[MultimodalLM, object]:
+    """Rebuild the model from a checkpoint's model files, with its modules re-attached.
+
+    LoRA adapters are merged into the base weights unless `merge=False`. With `zero3_config`
+    the tower and LM are built straight into ZeRO-3 partitions (a frozen teacher or reference).
+    """
     folder = model_files_dir(checkpoint)
-    meta = json.loads((folder / META).read_text())
+    meta = read_meta(folder)
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
-    vision_cfg = AutoConfig.from_pretrained(folder / "vision")
-    encoder = _encoder_from_config(vision_cfg)
+    with partitioned_loading(zero3_config):
+        encoder = _encoder_from_config(AutoConfig.from_pretrained(folder / "vision"))
+        lm = build_language_model(None, AutoConfig.from_pretrained(folder / "lm"), "sdpa")
     vision = VisionTower(encoder, meta["feature_layer"], meta["use_cls"])
-    lm = build_language_model(None, AutoConfig.from_pretrained(folder / "lm"), "sdpa")
     model = assemble(vision, lm, tokenizer, meta["connector"]["type"], meta["connector"].get("options", {}))
-    if meta["lora"] is not None:
-        model.lm = add_lora(model.lm, LoraConfig(**meta["lora"]))
-    load_weights(model, load_file(str(folder / WEIGHTS)), source=folder / WEIGHTS)
-    if merge:
-        merge_lora(model)
+    attach_modules(model, meta.get("modules", []))
+    state = load_file(str(folder / WEIGHTS))
+    lora = saved_lora_config(meta)
+    if lora is not None and merge:
+        state = merge_lora_state(state, lora)
+    elif lora is not None:
+        model.lm = add_lora(model.lm, lora)
+    load_weights(model, state, source=folder / WEIGHTS)
     return model.eval(), tokenizer
 
 
@@ -109,28 +122,60 @@ def read_meta(checkpoint: str | Path) -> dict:
     return json.loads((model_files_dir(checkpoint) / META).read_text())
 
 
-def initialise_from(model: MultimodalLM, checkpoint: str | Path, stage_lora: LoraConfig | None) -> str:
+def initialise_from(
+    model: MultimodalLM, checkpoint: str | Path, stage_lora: LoraConfig | None, recipe_modules: list[dict] = ()
+) -> str:
     """Load an earlier stage's weights into `model` (built plain, before the stage is applied).
 
-    LoRA adapters in the checkpoint are continued when this stage trains the same adapters
-    (`stage_lora` equal to the saved config), otherwise folded into the base weights. Returns
-    a sentence for the log saying which.
+    The checkpoint's modules are attached first. One the recipe lists again must have the same
+    options; one it does not list is merged into plain weights where its export policy allows,
+    else kept. LoRA adapters are continued when this stage trains the same adapters (`stage_lora`
+    equal to the saved config), otherwise folded into the base weights. Returns a sentence for
+    the log saying what happened.
     """
     folder = model_files_dir(checkpoint)
-    saved = saved_lora_config(read_meta(folder))
+    meta = read_meta(folder)
+    saved_modules = meta.get("modules", [])
+    _check_same_module_options(saved_modules, recipe_modules, checkpoint)
+    carried = attach_modules(model, saved_modules)
+    saved = saved_lora_config(meta)
     state = load_file(str(folder / WEIGHTS))
     if saved is None:
-        how = "full weights"
+        how = ["full weights"]
     elif stage_lora is not None and saved == stage_lora:
         model.lm = add_lora(model.lm, saved)
-        how = "its LoRA adapters continue training"
+        how = ["its LoRA adapters continue training"]
     else:
         state = merge_lora_state(state, saved)
-        how = "its LoRA adapters merged into the base weights" + (
-            " (this stage adds fresh adapters: its stage.lora differs)" if stage_lora is not None else ""
-        )
+        how = ["its LoRA adapters merged into the base weights"]
+        if stage_lora is not None:
+            how[-1] += " (this stage adds fresh adapters: its stage.lora differs)"
     load_weights(model, state, source=folder / WEIGHTS)
-    return f"initialised from {checkpoint}: {how}"
+    listed = {spec["type"] for spec in recipe_modules}
+    for module in carried:
+        if module.name in listed:
+            how.append(f"module {module.name} continues")
+        elif module.export == "merge":
+            merge_module(model, module)
+            how.append(f"module {module.name} merged into the base weights")
+        else:
+            how.append(f"module {module.name} kept (it cannot be merged; list it in `modules` to set its options)")
+    return f"initialised from {checkpoint}: " + "; ".join(how)
+
+
+def _check_same_module_options(saved: list[dict], listed: list[dict], checkpoint) -> None:
+    for spec in listed:
+        before = next((s for s in saved if s["type"] == spec["type"]), None)
+        if before is None:
+            continue
+        options = build_module(spec).spec()
+        if options != before:
+            changed = sorted(k for k in options if options.get(k) != before.get(k))
+            raise ValueError(
+                f"stage.init_from {checkpoint} has module {spec['type']} with other options ({', '.join(changed)}); "
+                "use the checkpoint's options (its model/llava_train_model.json) or start the module fresh from a "
+                "checkpoint without it"
+            )
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path = "<state>") -> None:

@@ -52,12 +52,6 @@ def add_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
     return get_peft_model(lm, peft_cfg)
 
 
-def merge_lora(model) -> None:
-    """Fold the LM's LoRA adapters into its weights in place (for export and generation)."""
-    if is_peft(model.lm):
-        model.lm = model.lm.merge_and_unload()
-
-
 def merge_lora_state(state: dict[str, torch.Tensor], cfg: LoraConfig, lm_prefix: str = "lm.") -> dict[str, torch.Tensor]:
     """A saved state with peft-wrapped LM names -> the plain model's names, each adapter folded in:
     W <- W + (alpha / r) * B @ A, computed in fp32."""
@@ -71,13 +65,12 @@ def merge_lora_state(state: dict[str, torch.Tensor], cfg: LoraConfig, lm_prefix:
             merged[key] = value
             continue
         name = lm_prefix + key[len(peft_prefix) :]
-        if ".base_layer." in name:
-            layer = name.split(".base_layer.")[0]
-            name = name.replace(".base_layer.", ".")
-            if name.endswith(".weight"):
-                a = state[f"{peft_prefix}{layer[len(lm_prefix):]}.lora_A.{ADAPTER}.weight"].float()
-                b = state[f"{peft_prefix}{layer[len(lm_prefix):]}.lora_B.{ADAPTER}.weight"].float()
-                value = (value.float() + scale * (b @ a)).to(value.dtype)
+        layer, _, leaf = key.rpartition(".base_layer.")
+        lora_a, lora_b = f"{layer}.lora_A.{ADAPTER}.weight", f"{layer}.lora_B.{ADAPTER}.weight"
+        if layer and lora_a in state:  # a peft LoRA layer (other wrappers may also name a `base_layer`)
+            name = lm_prefix + f"{layer}.{leaf}"[len(peft_prefix) :]
+            if leaf == "weight":
+                value = (value.float() + scale * (state[lora_b].float() @ state[lora_a].float())).to(value.dtype)
         merged[name] = value
     return merged
 

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from llava_train.data.batch import Batch
-from llava_train.model.aux import AuxLosses
+from llava_train.model import context
+from llava_train.model.context import ForwardContext, RunState
+from llava_train.model.lora import is_peft
 from llava_train.model.packed_attention import packed_attention_inputs
 from llava_train.model.vision import VisionTower
+
+
+@dataclass
+class ModelOutput:
+    hidden_states: torch.Tensor  # [B, T, D] the LM's last hidden states
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # reported by attached modules, once each
+    aux_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class MultimodalLM(nn.Module):
     """Vision tower, connector and language model; no per-family LM subclass.
 
-    `forward` returns the LM's last hidden states; objectives turn them into losses
-    (so no `[tokens, vocab]` logits are ever materialised here).
+    `forward` returns the LM's last hidden states and what attached modules reported through
+    the forward context; objectives turn them into losses (so no `[tokens, vocab]` logits are
+    ever materialised here).
     """
 
     def __init__(self, vision: VisionTower, connector: nn.Module, lm: nn.Module, image_token_id: int):
@@ -26,7 +37,9 @@ class MultimodalLM(nn.Module):
         self.connector = connector
         self.lm = lm
         self.image_token_id = image_token_id
-        self.aux = AuxLosses()  # attached modules report auxiliary losses here
+        self.run_state = RunState()  # the trainer sets it before each micro-batch (seeds per-step draws)
+        self._adapters_disabled = False
+        self.attachments: list = []  # technique modules attached to this model (llava_train.modules)
 
     # ------------------------------------------------------------------ parts
 
@@ -77,15 +90,48 @@ class MultimodalLM(nn.Module):
             )
         return embeds.masked_scatter(image_slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Last hidden states [B, T, D] of the LM."""
-        embeds = self.embed(batch)
-        if batch.packed:  # several samples per row: block-diagonal causal attention
-            attention = packed_attention_inputs(batch.sequence_ids, self.lm.config._attn_implementation, embeds.dtype)
-        else:
-            attention = {"attention_mask": batch.attention_mask}
-        out = self.decoder(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **attention)
-        return out.last_hidden_state
+    def forward(self, batch: Batch) -> ModelOutput:
+        with context.activate(self.forward_context(batch)) as ctx:
+            embeds = self.embed(batch)
+            if batch.packed:  # several samples per row: block-diagonal causal attention
+                attention = packed_attention_inputs(batch.sequence_ids, self.lm.config._attn_implementation, embeds.dtype)
+            else:
+                attention = {"attention_mask": batch.attention_mask}
+            out = self.decoder(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **attention)
+        return ModelOutput(out.last_hidden_state, ctx.aux.losses(), ctx.aux.metrics())
+
+    def forward_context(self, batch: Batch) -> ForwardContext:
+        return ForwardContext.for_batch(
+            batch,
+            self.tokens_per_image,
+            run=self.run_state,
+            training=self.training,
+            adapters_disabled=self._adapters_disabled,
+        )
+
+    # ------------------------------------------------------------------ switches
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run as the base model: peft's LoRA off, and attached modules told through the forward
+        context (`ctx.adapters_disabled`). A flag that forward reads, never a change of
+        `requires_grad` (ZeRO fixes its groups at init); the previous value comes back on exit."""
+        previous = self._adapters_disabled
+        self._adapters_disabled = True
+        peft_off = self.lm.disable_adapter() if is_peft(self.lm) else contextlib.nullcontext()
+        try:
+            with peft_off:
+                yield self
+        finally:
+            self._adapters_disabled = previous
+
+    def enable_gradient_checkpointing(self, vision: bool) -> None:
+        """Non-reentrant checkpointing of the LM's layers (and the tower's, when it trains); a
+        recomputed layer runs under the forward context of the forward it belongs to."""
+        kwargs = {"use_reentrant": False, "context_fn": context.checkpoint_context_fn}
+        self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if vision:
+            self.vision.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
 
     def _vision_dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype

@@ -58,23 +58,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def param_groups(parts: dict[str, nn.Module], recipe: Recipe) -> list[dict]:
-    """One group per (part, decay/no-decay): per-part learning rates, no weight decay on norms/biases."""
-    groups = []
-    for part, module in parts.items():
-        lr = getattr(recipe.stage.lr, part) or recipe.train.lr
-        decay, no_decay = [], []
-        for param in module.parameters():
-            if param.requires_grad:
-                (no_decay if _is_norm_or_bias(param) else decay).append(param)
-        for params, wd, suffix in ((decay, recipe.train.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
-            if params:
-                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": part + suffix})
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """Named optimizer groups: one per attached module, then one per part, each split into decay /
+    no-decay (norms, biases and other 1-D parameters get no weight decay). A module's parameters
+    sit inside a part (a router inside a decoder layer) but belong to the module's group only."""
+    groups: list[dict] = []
+    claimed: set[int] = set()
+    train = recipe.train
+    for module in model.attachments:
+        params = list(module.own_parameters.values())
+        claimed.update(id(p) for p in params)
+        lr = _first_set(module.options.lr, recipe.stage.lr.modules, train.lr)
+        decay = _first_set(module.options.weight_decay, train.weight_decay)
+        _add_groups(groups, f"module.{module.name}", [p for p in params if p.requires_grad], lr, decay)
+    for part, submodule in model.parts().items():
+        params = [p for p in submodule.parameters() if p.requires_grad and id(p) not in claimed]
+        _add_groups(groups, part, params, _first_set(getattr(recipe.stage.lr, part), train.lr), train.weight_decay)
     if not groups:
         raise ValueError(
             f"stage `{recipe.stage.name}` leaves nothing trainable; set stage.trainable.{{vision,connector,lm}}"
         )
     return groups
+
+
+def _add_groups(groups: list[dict], name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> None:
+    decay = [p for p in params if not _is_norm_or_bias(p)]
+    no_decay = [p for p in params if _is_norm_or_bias(p)]
+    for members, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+        if members:
+            groups.append({"params": members, "lr": lr, "weight_decay": wd, "name": name + suffix})
+
+
+def _first_set(*values):
+    return next(value for value in values if value is not None)
 
 
 def _is_norm_or_bias(param: torch.Tensor) -> bool:

@@ -16,9 +16,11 @@ from llava_train.data import pipeline
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.stages import resolve_stage
 from llava_train.model.io import initialise_from, save_model_files
+from llava_train.model.context import RunState
 from llava_train.model.mllm import MultimodalLM
-from llava_train.model.zero3 import mark_zero3_leaf_modules
-from llava_train.objectives.lm import OBJECTIVES, ObjectiveOutput
+from llava_train.model.zero3 import leaf_module_classes, mark_zero3_leaf_modules
+from llava_train.modules.attach import attach_modules, describe, release_module_parameters
+from llava_train.objectives import BuildContext, ObjectiveOutput, build_objective
 from llava_train.recipe import Recipe
 from llava_train.train import checkpoint as ckpt
 from llava_train.train.ds_config import build_ds_config
@@ -100,16 +102,18 @@ class Trainer:
         self.model = build_model(recipe.model, self.tokenizer, zero3_config, seed=self.cfg.seed)
         if recipe.stage.init_from:
             lora = recipe.stage.lora if resolve_stage(recipe.stage).lora else None
-            message = initialise_from(self.model, recipe.stage.init_from, lora)
+            message = initialise_from(self.model, recipe.stage.init_from, lora, recipe.modules)
             if self.dist.is_main:
                 log.info(message)
+        attached = {module.name for module in self.model.attachments}  # carried over from init_from
+        attach_modules(self.model, [spec for spec in recipe.modules if spec["type"] not in attached])
         self.preset = apply_stage(self.model, recipe.stage)
+        release_module_parameters(self.model)  # modules train while the part they sit in is frozen
+        if self.dist.is_main:
+            for line in describe(self.model):
+                log.info(line)
         if recipe.model.gradient_checkpointing:
-            self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.preset.vision:
-                self.model.vision.encoder.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+            self.model.enable_gradient_checkpointing(vision=self.preset.vision)
         self.flops = StepFlops.for_model(self.model, self.preset)
         self.timer = PhaseTimer(synchronize=self.recipe.train.sync_timing)
         self.timer.time_module(self.model.vision, "vision")
@@ -124,20 +128,27 @@ class Trainer:
         self.train_iter = None
 
     def _build_engine(self) -> None:
-        groups = param_groups(self.model.parts(), self.recipe)
+        groups = param_groups(self.model, self.recipe)
         optimizer, schedule = build_optimizer(groups, self.recipe)
         ds_config = build_ds_config(self.cfg, self.dist.world_size)
-        module = ObjectiveModule(self.model, OBJECTIVES[self.recipe.stage.objective](self.recipe.stage.loss))
+        zero3_config = ds_config if self.cfg.zero_stage == 3 else None
+        build = BuildContext(self.recipe, self.tokenizer, self.model, zero3_config)
+        self.objective = build_objective(self.recipe.stage.objective, build)
+        module = ObjectiveModule(self.model, self.objective)
         if self.cfg.zero_stage == 3:
-            # Losses read the LM head's weight directly (chunked, supervised positions only), outside
-            # the head's own forward: ZeRO-3 must gather it for the objective module's forward/backward.
+            # Losses read LM heads' weights directly (chunked, supervised positions only), outside the
+            # heads' own forward: ZeRO-3 must gather them for the objective module's forward/backward.
             from deepspeed.runtime.zero import register_external_parameter
 
-            register_external_parameter(module, self.model.output_embeddings.weight)
+            for param in self.objective.external_parameters(self.model):
+                register_external_parameter(module, param)
         if self._autocast:
             ds_config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
         if self.cfg.zero_stage == 3:
-            mark_zero3_leaf_modules(self.model)  # data-dependent modules (experts) are gathered whole
+            # Data-dependent modules (experts) are gathered whole: the opted-in classes and the leaf
+            # classes that attached modules declare.
+            declared = [leaf for m in self.model.attachments for leaf in m.zero3_leaf_classes]
+            mark_zero3_leaf_modules(module, list(dict.fromkeys(leaf_module_classes(module) + declared)))
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
         self.optimizer = optimizer  # what DeepSpeed steps at each boundary, under every ZeRO stage
         bf16_weights = self.cfg.precision == "bf16" and not self._autocast
@@ -218,16 +229,18 @@ class Trainer:
         micro_batches = [next(self.train_iter) for _ in range(cfg.grad_accum)]
         data_time = time.perf_counter() - start
         self.timer.pop()  # drop anything timed outside the step (evaluation, for one)
-        local_tokens = sum(b.num_supervised_tokens for b in micro_batches)
-        global_tokens = max(1, int(_all_reduce_sum(torch.tensor(float(local_tokens)))))
-        scale = d.world_size * cfg.grad_accum / global_tokens  # undoes DeepSpeed's mean over ranks x micro-steps
+        local = [sum(self.objective.count(b) for b in micro_batches), sum(b.num_supervised_tokens for b in micro_batches)]
+        units, supervised = (int(n) for n in _all_reduce_sum(torch.tensor(local, dtype=torch.float64)))
+        global_units = max(1, units)  # the objective's normaliser: supervised tokens, sequences or pairs
+        scale = d.world_size * cfg.grad_accum / global_units  # undoes DeepSpeed's mean over ranks x micro-steps
         lr = self.engine.get_lr()[0]  # the rate this step uses (the schedule advances inside engine.step)
         loss_sum = torch.zeros(())
         aux_totals: dict[str, float] = {}
         objective_metrics: dict[str, float] = {}
         skip = False  # a non-finite loss on any rank skips the whole step's update (see faults.py)
-        for batch in micro_batches:
+        for micro_step, batch in enumerate(micro_batches):
             batch = batch.to(d.device, dtype=self.input_dtype)
+            self.model.run_state = RunState(cfg.seed, self.step, micro_step, d.rank)  # keys per-step draws
             with self.timer.phase("forward"), torch.autocast(d.device.type, torch.bfloat16, enabled=self._autocast):
                 out = ObjectiveOutput(**self.engine(batch))
             loss = out.loss_sum * scale + sum(out.aux_losses.values(), torch.zeros(()))
@@ -250,20 +263,21 @@ class Trainer:
         self.samples_seen += int(_all_reduce_sum(torch.tensor(float(samples))))
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
-            "loss": float(_all_reduce_sum(loss_sum)) / global_tokens,
+            "loss": float(_all_reduce_sum(loss_sum)) / global_units,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": tokens * d.world_size / step_time,
             "samples_per_s": samples * d.world_size / step_time,
-            "supervised_tokens": global_tokens,
+            "supervised_tokens": supervised,
+            f"normaliser/{self.objective.normaliser}": global_units,
             "step_time_s": step_time,
             "data_time_s": data_time,
             "peak_memory_gb": peak_memory_bytes() / 2**30,
             "padding_fraction": 1 - tokens / sum(b.input_ids.numel() for b in micro_batches),
             "nonfinite_skipped": self.nonfinite.skipped_total,
             **self.timer.pop(),
-            **{f"aux/{k}": v for k, v in aux_totals.items()},
-            **{f"objective/{k}": v for k, v in objective_metrics.items()},
+            **_mean_over_ranks({f"aux/{k}": v for k, v in aux_totals.items()}),
+            **_mean_over_ranks({f"objective/{k}": v for k, v in objective_metrics.items()}),
         }
         flops_lm = sum(self.flops.lm(b.num_tokens, b.input_ids.shape[1]) for b in micro_batches)
         flops_vision = self.flops.vision(images)
@@ -301,7 +315,7 @@ class Trainer:
             with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self._autocast):
                 out = ObjectiveOutput(**self.engine(batch.to(self.dist.device, dtype=self.input_dtype)))
             total += weight * out.loss_sum.float().cpu()
-            count += weight * out.num_tokens
+            count += weight * out.count
         self.engine.train()
         return float(_all_reduce_sum(total) / _all_reduce_sum(count).clamp(min=1))
 
@@ -381,6 +395,17 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     reduced = value.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else value.clone()
     dist.all_reduce(reduced)
     return reduced.cpu()
+
+
+def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each name's mean over the ranks that reported it (ranks may report different names, e.g. a
+    module metric only where images were seen); a collective: every rank calls it every step."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(metrics)
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, metrics)
+    names = sorted({name for reported in gathered for name in reported})
+    return {n: sum(r[n] for r in gathered if n in r) / sum(n in r for r in gathered) for n in names}
 
 
 def train(recipe: Recipe) -> TrainResult:

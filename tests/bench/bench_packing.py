@@ -88,7 +88,7 @@ def train_pass(model, optimizer, batches) -> tuple[float, int]:
     """Seconds for forward + backward + step over all micro-batches; real tokens processed."""
     start, tokens = time.perf_counter(), 0
     for batch in batches:
-        hidden = model(batch)
+        hidden = model(batch).hidden_states
         mask, targets = supervised_positions(batch.labels)
         logits = model.output_embeddings(hidden[:, :-1][mask])
         F.cross_entropy(logits, targets).backward()
