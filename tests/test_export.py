@@ -10,7 +10,7 @@ from llava_train.data.batch import IGNORE_INDEX, Example
 from llava_train.data.collate import collate
 from llava_train.model.build import build_model, load_tokenizer
 from llava_train.model.export import export_checkpoint
-from llava_train.model.io import load_model_files, save_model_files
+from llava_train.model.io import load_any, load_model_files, save_model_files
 from llava_train.recipe import ModelConfig
 from tests.conftest import TINY_LM, TINY_VISION
 
@@ -41,6 +41,9 @@ def test_export_round_trip_gives_equal_logits(tokenizer_dir, tmp_path, vision, l
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
         ).logits
         original = model.output_embeddings(model(batch).hidden_states)
+        imported, _ = load_any(tmp_path / "hf")  # and back: an exported folder as a second model or for eval
+        back = imported.output_embeddings(imported(batch).hidden_states)
     real = batch.attention_mask.bool()
     assert torch.allclose(ours[real], original[real], atol=1e-6)
     torch.testing.assert_close(theirs[real], ours[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(back[real], ours[real], atol=1e-5, rtol=1e-5)

@@ -112,6 +112,20 @@ def load_model_files(
     return model.eval(), tokenizer
 
 
+def load_any(path: str | Path, zero3_config: dict | None = None) -> tuple[MultimodalLM, object]:
+    """A llava_train checkpoint (LoRA merged) or an exported transformers Llava folder."""
+    from llava_train.model.hf_import import is_hf_llava_folder, load_hf_llava
+
+    if is_hf_llava_folder(path):
+        return load_hf_llava(path, zero3_config)
+    if not (Path(path) / META).is_file() and not (Path(path) / "model" / META).is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a llava_train checkpoint (RUN/checkpoints/step-N with model/{META}) nor an "
+            "exported transformers Llava folder (config.json with model_type llava)"
+        )
+    return load_model_files(path, merge=True, zero3_config=zero3_config)
+
+
 def _encoder_from_config(config) -> torch.nn.Module:
     from transformers import AutoModel
 
