@@ -48,7 +48,9 @@ def add_data_commands(subparsers) -> None:
     pairs.add_argument("--image-root", default=None, help="folder of the `image` paths (default: the JSON's folder)")
     _add_convert_options(pairs)
 
-    inspect = sub.add_parser("inspect", help="counts, image sizes, length histogram, modality mix of shards")
+    inspect = sub.add_parser(
+        "inspect", help="counts, image sizes, length histogram, modality mix, skipped samples and unused images"
+    )
     inspect.add_argument("patterns", nargs="+", help="shard folder, file, glob or brace pattern")
     inspect.add_argument("--tokenizer", default=None, help="tokenizer folder: lengths in tokens instead of words")
     inspect.add_argument("--template", default="vicuna_v1", help="conversation template for token lengths")

@@ -1,8 +1,9 @@
 """What is in a set of shards: counts, image sizes, length histogram, modality mix, damage.
 
-Reads every sample once through the training reader (ShardStream), so a member the reader
-would skip is reported here under the same reason. Images are measured from their headers,
-not decoded.
+Reads every sample once through the training reader (ShardStream) and finds its conversation and
+images as the training encoder does (raw_sample.py), so a sample training would skip is reported
+here under the same reason, with example keys. Image members that no record uses are listed.
+Images are measured from their headers, not decoded.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import io
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 
 from data_tools.token_count import DEFAULT_TEMPLATE, TokenCounter
 from llava_train.data.errors import BadSample
+from llava_train.data.raw_sample import image_members, sample_parts
 from llava_train.data.shards import ShardStream, expand_urls
 
 BAR_WIDTH = 40
+EXAMPLES = 5  # keys shown per skip reason and of unused image members
 
 
 @dataclass
@@ -27,12 +31,14 @@ class ShardReport:
     shards: int
     length_unit: str  # "tokens" or "words"
     samples: int = 0
-    kinds: Counter = field(default_factory=Counter)  # conversation / preference pair
+    kinds: Counter = field(default_factory=Counter)  # conversation / caption / preference pair
     modality: Counter = field(default_factory=Counter)  # text-only / single-image / multi-image
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
+    skip_examples: dict = field(default_factory=dict)  # reason -> the first "shard/key: detail"s
+    unused_images: list[str] = field(default_factory=list)  # "shard/key.ext" of image members no record uses
 
     @property
     def images(self) -> int:
@@ -53,9 +59,14 @@ class ShardReport:
                 f"max {max(self.lengths)}"
             )
             lines += histogram_lines(self.lengths)
+        if self.unused_images:
+            lines.append(f"image members no record uses: {len(self.unused_images)}")
+            lines += [f"  {name}" for name in self.unused_images[:EXAMPLES]]
         skipped = sum(self.skipped.values())
-        lines.append(f"skipped or unreadable: {skipped}")
-        lines += [f"  {reason}: {count}" for reason, count in sorted(self.skipped.items())]
+        lines.append(f"skipped or unreadable (training skips these too): {skipped}")
+        for reason, count in sorted(self.skipped.items()):
+            lines.append(f"  {reason}: {count}")
+            lines += [f"    {example}" for example in self.skip_examples.get(reason, [])]
         return "\n".join(lines)
 
 
@@ -65,7 +76,8 @@ def inspect(patterns: list[str] | str, tokenizer: str | Path | None = None, temp
     urls = expand_urls(patterns)
     counter = TokenCounter(tokenizer, template) if tokenizer is not None else None
     report = ShardReport(shards=len(urls), length_unit="tokens" if counter else "words")
-    stream = ShardStream(urls, lambda raw: _measure(raw, counter), shuffle=False, num_streams=1, loop=False)
+    measure = partial(_measure, counter=counter, unused=report.unused_images)
+    stream = _ExampleKeeper(urls, measure, shuffle=False, num_streams=1, loop=False)
     for sample in stream:
         report.samples += 1
         report.kinds[sample["kind"]] += 1
@@ -74,18 +86,34 @@ def inspect(patterns: list[str] | str, tokenizer: str | Path | None = None, temp
         report.heights += [h for _, h in sample["sizes"]]
         report.lengths += sample["lengths"]
     report.skipped = dict(stream.skipped)
+    report.skip_examples = stream.examples
     return report
 
 
-def _measure(raw: dict, counter: TokenCounter | None) -> dict:
+class _ExampleKeeper(ShardStream):
+    """The training reader, also keeping the first few keys and details of each skip reason."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples: dict[str, list[str]] = {}
+
+    def _skip(self, reason: str, key: str, detail: str) -> None:
+        super()._skip(reason, key, detail)
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES:
+            examples.append(f"{key}: {detail}")
+
+
+def _measure(raw: dict, counter: TokenCounter | None, unused: list[str]) -> dict:
     record = raw["json"]
-    if "conversations" in record:
-        kind = "conversation"
-    elif all(isinstance(record.get(name), str) for name in ("prompt", "chosen", "rejected")):
+    names, left = image_members(raw)
+    unused += [f"{raw['__shard__']}/{raw['__key__']}.{ext}" for ext in left]  # also when the sample is skipped
+    if "conversations" not in record and all(isinstance(record.get(n), str) for n in ("prompt", "chosen", "rejected")):
         kind = "preference pair"
-    else:
-        raise BadSample("missing field", "neither `conversations` nor `prompt`/`chosen`/`rejected`")
-    sizes = [_image_size(raw, ext) for ext in record.get("images") or []]
+    else:  # what the training encoder reads: a conversation or a caption, checked against its images
+        parts = sample_parts(raw)
+        kind, record = parts.kind, {"conversations": parts.conversations}
+    sizes = [_image_size(raw, ext) for ext in names]
     lengths = counter.lengths(record) if counter else _word_counts(record)
     return {"kind": kind, "sizes": sizes, "lengths": lengths}
 

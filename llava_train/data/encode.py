@@ -8,13 +8,15 @@ from llava_train.data.anyres import AnyResTiler
 from llava_train.data.batch import IGNORE_INDEX, Example
 from llava_train.data.errors import BadSample
 from llava_train.data.images import ImageProcessor, decode_image
-from llava_train.data.templates import IMAGE_TOKEN, USER, ConversationTemplate, Encoded, normalise, turn_role
+from llava_train.data.raw_sample import sample_parts
+from llava_train.data.templates import IMAGE_TOKEN, USER, ConversationTemplate, Encoded, turn_role
 
 
 class SampleEncoder:
     """Callable used by ShardStream. Problems with one sample raise BadSample with a fixed
     reason (counted and logged by the stream): "missing field", "bad conversation",
-    "missing image", "image count mismatch", "over-long", "undecodable image".
+    "missing image", "ambiguous images", "bad caption", "image count mismatch", "over-long",
+    "undecodable image". Which record and image members make the sample: raw_sample.py.
 
     With an AnyRes `tiler`, each image becomes several (tiles + thumbnail), so its one
     `<image>` is expanded to as many consecutive image spans before the text is encoded.
@@ -35,29 +37,14 @@ class SampleEncoder:
         self.tiler = tiler
 
     def __call__(self, raw: dict) -> Example:
-        record = raw.get("json")
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise BadSample("missing field", "the record has no `conversations` list")
-        conversations = record["conversations"]
-        exts = record.get("images") or []
-        if not isinstance(exts, list) or not all(isinstance(ext, str) for ext in exts):
-            raise BadSample("missing field", "`images` must be a list of member extensions")
-        missing = [ext for ext in exts if ext not in raw]
-        if missing:
-            raise BadSample("missing image", f"no tar member for {missing}")
-        try:
-            _, turns = normalise(conversations)
-        except ValueError as err:
-            raise BadSample("bad conversation", str(err)) from None
-        placeholders = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
-        if placeholders != len(exts):
-            raise BadSample("image count mismatch", f"{placeholders} {IMAGE_TOKEN} in the text, {len(exts)} images")
+        parts = sample_parts(raw)  # the conversation and its image bytes, placeholders checked
+        record, conversations = raw.get("json") or {}, parts.conversations
         if self.tiler is None:
             encoded = self._encode(conversations)
             # Only the images whose spans survived truncation are decoded.
-            images = [self.image_processor(decode_image(raw[ext])) for ext in exts[: encoded.num_images]]
+            images = [self.image_processor(decode_image(data)) for data in parts.images[: encoded.num_images]]
         else:
-            encoded, images = self._encode_tiled(conversations, [decode_image(raw[ext]) for ext in exts])
+            encoded, images = self._encode_tiled(conversations, [decode_image(data) for data in parts.images])
         return Example(
             input_ids=encoded.input_ids,
             labels=encoded.labels,

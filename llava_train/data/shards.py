@@ -19,6 +19,12 @@ jumps to the offset, without reading anything before it. With a shard count that
 not a multiple of num_streams, a stream's next shard may already be in the next epoch;
 that keeps every stream fed even with fewer shards than streams.
 
+Samples are grouped from member names as webdataset groups them (`base_plus_ext`, lower-cased
+extensions, `__name__` meta members skipped), so shards written by webdataset.ShardWriter or
+img2dataset read as they do in webdataset.WebDataset. The tar reading itself stays here:
+webdataset's reader streams a tar front to back, while a permuted shard and a resume that seeks
+to a sample offset need the header index read below (docs/data.md, "Shards from other tools").
+
 A mixture of sources (mixture.py) keeps this shape: every source has its own endless
 shard sequence split over the same logical streams, and each logical stream picks the
 source of its k-th sample by weight from (seed, stream, k). A stream's state is then one
@@ -42,6 +48,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
+from webdataset.tariterators import base_plus_ext
 
 from llava_train.data.errors import BadSample
 from llava_train.data.health import SkipLog
@@ -50,8 +57,7 @@ from llava_train.data.mixture import Source, SourceChooser, as_sources, rng
 __all__ = ["BadSample", "ShardStream", "Source", "build_loader", "expand_urls", "shard_sizes", "skipped_counts"]
 
 INDEX_FILE = "index.json"
-# webdataset's convention: the key is everything before the first dot of the file name.
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members (its tar_file_iterator's skip_meta)
 _END = object()
 
 
@@ -101,9 +107,18 @@ def shard_sizes(urls: list[str]) -> list[int]:
 def _count_samples(url: str) -> int:
     try:
         with tarfile.open(url, "r:") as tar:
-            return len({m.group(1) for info in tar if info.isfile() and (m := _MEMBER.match(info.name))})
+            return len({split[0] for info in tar if (split := _split(info))})
     except (tarfile.TarError, OSError):
         return 0
+
+
+def _split(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member, as webdataset splits it: the key is everything
+    before the first dot of the file name; the extension is lower-cased."""
+    if not info.isfile() or _META.match(info.name):
+        return None
+    key, ext = base_plus_ext(info.name)
+    return (key, ext.lower()) if key is not None else None
 
 
 # ----------------------------------------------------------------------------- stream
@@ -115,7 +130,8 @@ class ShardStream(IterableDataset):
     `urls` is a list of shard paths (one source) or of `Source`s (a weighted mixture: each
     logical stream reads its share of every source and picks the source of each sample by
     weight, see mixture.py). `encode(raw)` gets {"__key__", "__shard__", "__source__",
-    "json": parsed record, <ext>: bytes per member}; it may raise BadSample or return None
+    "json": parsed record, <ext>: bytes per member} ("json" is {} for a sample with a `txt` caption
+    and no record, as img2dataset can write); it may raise BadSample or return None
     to skip. Skips, corrupt members and bad json are counted by reason (`self.skipped`, also
     in the state) instead of crashing, unless more than `max_bad_fraction` of the samples
     are bad (health.py).
@@ -270,9 +286,9 @@ class ShardStream(IterableDataset):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
             for info in tar:
-                match = _MEMBER.match(info.name) if info.isfile() else None
-                if match:
-                    samples.setdefault(match.group(1), {})[match.group(2)] = info
+                split = _split(info)
+                if split:
+                    samples.setdefault(split[0], {})[split[1]] = info
         except (tarfile.TarError, OSError) as err:  # keep the samples before the damage
             if count_errors:
                 self._skip("corrupt shard", url, str(err))
@@ -283,7 +299,9 @@ class ShardStream(IterableDataset):
         try:
             raw = {"__key__": key, "__shard__": shard, "__source__": source, **_read_members(tar, members)}
             if "json" not in raw:
-                raise BadSample("missing json", f"members {sorted(members)}")
+                if "txt" not in raw:  # a caption alone is a sample (raw_sample.py builds its conversation)
+                    raise BadSample("missing json", f"no .json record or .txt caption; members {sorted(members)}")
+                raw["json"] = b"{}"
             try:
                 raw["json"] = json.loads(raw["json"])
             except ValueError as err:
