@@ -6,15 +6,17 @@ KV cache; the multimodal part only builds the prompt embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from llava_train.data.batch import IGNORE_INDEX, Example
+from llava_train.data.batch import IGNORE_INDEX, Batch, Example
 from llava_train.data.collate import collate
 from llava_train.data.images import ImageProcessor
 from llava_train.data.templates import get_template
+from llava_train.model import context
 from llava_train.model.mllm import MultimodalLM
 
 
@@ -33,37 +35,49 @@ class Answerer:
         self.template = get_template(template, tokenizer)
         self.images = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
 
-    def prompt_embeddings(self, prompts: list[str], images: list[Image.Image | None]):
-        """Left-padded prompt embeddings and attention mask for a batch of questions."""
-        rows = []
+    def prompt_batch(self, prompts: list[str], images: list[Image.Image | None]) -> Batch:
+        """The questions as one left-padded batch (padding first, so every row ends where decoding starts)."""
+        examples = []
         for prompt, image in zip(prompts, images):
             ids = self.template.prompt_ids(prompt, self.model.tokens_per_image, has_image=image is not None)
             pixels = [self.images(image)] if image is not None else []
-            example = Example(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), images=pixels)
-            batch = collate([example], self.tokenizer.pad_token_id, self.model.image_token_id)
-            rows.append(self.model.embed(batch)[0])
-        width = max(row.shape[0] for row in rows)
-        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            embeds[i, width - row.shape[0] :] = row
-            mask[i, width - row.shape[0] :] = 1
-        return embeds, mask
+            examples.append(Example(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), images=pixels))
+        return left_padded(collate(examples, self.tokenizer.pad_token_id, self.model.image_token_id))
+
+    def prompt_embeddings(self, prompts: list[str], images: list[Image.Image | None]):
+        """Left-padded prompt embeddings and attention mask for a batch of questions."""
+        batch = self.prompt_batch(prompts, images)
+        with context.activate(self.model.forward_context(batch)):
+            return self.model.embed(batch), batch.attention_mask
 
     @torch.no_grad()
     def answer(self, prompts: list[str], images: list[Image.Image | None], options: DecodeOptions) -> list[str]:
-        embeds, mask = self.prompt_embeddings(prompts, images)
+        batch = self.prompt_batch(prompts, images)
+        prompt = self.model.forward_context(batch)
         sampling = options.temperature > 0
         generator_kwargs = {"temperature": options.temperature, "top_p": options.top_p} if sampling else {}
         torch.manual_seed(options.seed)
-        out = self.model.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=options.max_new_tokens,
-            do_sample=sampling,
-            eos_token_id=self.template.stop_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            **generator_kwargs,
-        )
+        with context.activate(prompt):
+            embeds, mask = self.model.embed(batch), batch.attention_mask
+        with context.during_generation(self.model.decoder, prompt):
+            out = self.model.lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=options.max_new_tokens,
+                do_sample=sampling,
+                eos_token_id=self.template.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                **generator_kwargs,
+            )
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
+
+def left_padded(batch: Batch) -> Batch:
+    """Move each row's padding to its front (generation appends on the right)."""
+    shift = (batch.attention_mask == 0).sum(dim=1)
+    rolled = {}
+    for name in ("input_ids", "labels", "attention_mask", "token_roles", "position_ids", "sequence_ids"):
+        value = getattr(batch, name)
+        rolled[name] = torch.stack([row.roll(int(k)) for row, k in zip(value, shift)])
+    return dataclasses.replace(batch, **rolled)

@@ -81,3 +81,50 @@ class TestGateRefuse(TestGate):
     name = "test_gate_refuse"
     export = "refuse"
     conflicts = ("test_gate",)
+
+
+# ----------------------------------------------------------------------------- a test objective with a second model
+
+
+from llava_train.model.io import load_any  # noqa: E402
+from llava_train.objectives import Objective, ObjectiveOptions, ObjectiveOutput, register_objective  # noqa: E402
+from llava_train.objectives.lm import cross_entropy_sum, supervised_positions  # noqa: E402
+
+
+class AnchorOptions(ObjectiveOptions):
+    reference: str | None = None  # a checkpoint or exported Llava folder; None: the policy with adapters disabled
+    weight: float = 1.0
+
+
+@register_objective
+class TestAnchor(Objective):
+    """CE plus `weight * |h - h_ref|^2 / D` at supervised positions: a frozen reference pulls the policy back.
+    Also reports which fraction of the reference's weights this rank holds (ZeRO-3 partitions it)."""
+
+    name = "test_anchor"
+    Options = AnchorOptions
+
+    def __init__(self, options, build):
+        super().__init__(options, build)
+        if options.reference is not None:
+            model, _ = load_any(options.reference, build.zero3_config)
+            self.add_frozen_model("reference", model)
+
+    def forward(self, model, batch) -> ObjectiveOutput:
+        out = model(batch)
+        with torch.no_grad():
+            if "reference" in self.frozen:
+                reference = self.frozen["reference"](batch).hidden_states
+            else:
+                with model.adapters_disabled():
+                    reference = model(batch).hidden_states
+        mask, _ = supervised_positions(batch.labels)
+        diff = (out.hidden_states[:, :-1][mask] - reference[:, :-1][mask]).float()
+        anchor = self.options.weight * diff.square().sum() / diff.shape[-1]
+        ce = cross_entropy_sum(out.hidden_states, model.output_embeddings, batch.labels, self.loss_config)
+        metrics = {"anchor_sum": float(anchor.detach())}
+        if "reference" in self.frozen:
+            params = list(self.frozen["reference"].parameters())
+            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+            metrics["reference_local_fraction"] = local / sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        return ObjectiveOutput(ce.loss + anchor, ce.num_tokens, out.aux_losses, metrics)

@@ -236,3 +236,45 @@ def test_two_ranks_with_the_module_match_one(demo_data, tmp_path, zero):
     assert sorted(two) == [1, 2, 3]
     for step, loss in single.items():
         assert two[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_generation_runs_modules_under_contexts_and_cache_equals_recompute(demo_data, tmp_path):
+    from PIL import Image
+
+    from llava_train.generate import Answerer, DecodeOptions
+    from llava_train.model import context
+
+    _, model, tokenizer = built(gate_recipe(demo_data, tmp_path))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gate"):
+                param.normal_()
+    answerer = Answerer(model.eval(), tokenizer, "vicuna_v1")
+    images = [Image.new("RGB", (40, 40), (200, 30, 30)), None]
+    prompts = ["What colour is the shape?", "Say something."]
+    fixture_modules.CALLS.clear()
+    cached = answerer.answer(prompts, images, DecodeOptions(max_new_tokens=5))
+    assert fixture_modules.CALLS["forward"] >= 2 * 5  # the gate ran at prefill and at every decode step
+
+    # Reference: no cache; each step recomputes the whole sequence under one context whose new tokens are text.
+    batch = answerer.prompt_batch(prompts, images)
+    stop = set(answerer.template.stop_token_ids)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        single = answerer.prompt_batch([prompt], [image])
+        with context.activate(model.forward_context(single)):
+            embeds = model.embed(single)
+        roles, tokens = single.token_roles, []
+        with torch.no_grad():
+            for _ in range(5):
+                ctx = context.ForwardContext.for_batch(single, model.tokens_per_image, training=False)
+                ctx.token_roles = roles
+                with context.activate(ctx):
+                    hidden = model.decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+                next_id = int(model.output_embeddings(hidden[:, -1]).argmax(-1))
+                if next_id in stop:
+                    break
+                tokens.append(next_id)
+                embeds = torch.cat([embeds, model.lm.get_input_embeddings()(torch.tensor([[next_id]]))], dim=1)
+                roles = torch.cat([roles, torch.zeros(1, 1, dtype=roles.dtype)], dim=1)
+        assert cached[row] == tokenizer.decode(tokens, skip_special_tokens=True).strip(), row
+    assert batch.token_roles[1, 0] == 2  # the text-only row is left-padded in the batch

@@ -170,6 +170,45 @@ def activate(ctx: ForwardContext):
         _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def during_generation(decoder: torch.nn.Module, prompt: ForwardContext):
+    """Forward contexts for a KV-cached decode loop that someone else drives (the LM's `generate`).
+
+    The first decoder call (the prefill) runs under the prompt's context; each later call feeds
+    only new tokens, which are text, and runs under a context describing just those tokens.
+    """
+    calls = 0
+
+    def select(module, args, kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            _ACTIVE.set(prompt)
+            return
+        new = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        rows, length = new.shape[:2]
+        device = prompt.token_roles.device
+        positions = kwargs.get("position_ids")
+        _ACTIVE.set(
+            dataclasses.replace(
+                prompt,
+                token_roles=torch.full((rows, length), int(TokenRole.TEXT), dtype=torch.int8, device=device),
+                sequence_ids=torch.arange(rows, device=device)[:, None].expand(rows, length),
+                position_ids=positions if positions is not None else torch.zeros(rows, length, dtype=torch.long),
+                image_sample_index=prompt.image_sample_index[:0],
+                aux=AuxStore(),
+            )
+        )
+
+    handle = decoder.register_forward_pre_hook(select, with_kwargs=True)
+    token = _ACTIVE.set(prompt)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _ACTIVE.reset(token)
+
+
 def checkpoint_context_fn():
     """For `torch.utils.checkpoint(..., use_reentrant=False, context_fn=...)`: the forward runs as
     is; the recompute runs under the same context, marked as a recompute."""

@@ -29,6 +29,8 @@ _MUST_MATCH = (
     "stage.name",
     "stage.trainable",
     "stage.lora",
+    "stage.objective",
+    "modules",
     "train.zero_stage",
     "train.precision",
 )
