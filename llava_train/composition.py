@@ -97,15 +97,19 @@ def support_matrix() -> str:
         "",
         "## Techniques",
         "",
-        "| name | kind | export | ZeRO-3 leaves | requires | conflicts |",
-        "|---|---|---|---|---|---|",
+        "| name | kind | export | ZeRO-3 leaves | requires | conflicts | notes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cls in modules:
         leaves = ", ".join(leaf.__name__ for leaf in cls.zero3_leaf_classes) or "-"
-        lines.append(f"| `{cls.name}` | module | {cls.export} | {leaves} | {_names(cls.requires)} | {_names(cls.conflicts)} |")
+        lines.append(
+            f"| `{cls.name}` | module | {cls.export} | {leaves} | {_names(cls.requires)} | {_names(cls.conflicts)} "
+            f"| {cls.notes or '-'} |"
+        )
     for cls in objectives:
         lines.append(
-            f"| `{cls.name}` | objective (normaliser: {cls.normaliser}) | - | - | {_names(cls.requires)} | {_names(cls.conflicts)} |"
+            f"| `{cls.name}` | objective (normaliser: {cls.normaliser}) | - | - | {_names(cls.requires)} "
+            f"| {_names(cls.conflicts)} | {getattr(cls, 'notes', '') or '-'} |"
         )
     lines += ["", "## Pairs", "", "Every module with every other module and every objective (an objective is always one per recipe).", ""]
     allowed, refused = allowed_pairs(modules, objectives)

@@ -79,11 +79,13 @@ class ForwardContext:
     image_sample_index: torch.Tensor  # [N_images] long: the row of each image
     tokens_per_image: int
     packed: bool
+    sample_keys: list[str] = field(default_factory=list)  # by sequence id: the record keys of the samples
     run: RunState = field(default_factory=RunState)
     training: bool = True
     adapters_disabled: bool = False  # set by `model.adapters_disabled()`: adapters and modules act as the base
     recomputing: bool = False  # a gradient-checkpoint recompute: aux reports are ignored
     aux: AuxStore = field(default_factory=AuxStore)
+    scratch: dict = field(default_factory=dict)  # per-forward state modules share (e.g. a block's routing)
 
     @classmethod
     def for_batch(cls, batch: Batch, tokens_per_image: int, **kwargs) -> "ForwardContext":
@@ -94,6 +96,7 @@ class ForwardContext:
             image_sample_index=batch.image_sample_index,
             tokens_per_image=tokens_per_image,
             packed=batch.packed,
+            sample_keys=list(batch.keys),
             **kwargs,
         )
 

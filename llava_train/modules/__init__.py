@@ -12,3 +12,5 @@ from llava_train.modules.base import (  # noqa: F401
     module_class,
     register_module,
 )
+
+from llava_train.modules import moe_lora  # noqa: F401,E402  (registers `moe_lora`)

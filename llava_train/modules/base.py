@@ -41,6 +41,7 @@ class TechniqueModule(ABC):
     conflicts: ClassVar[tuple[str, ...]] = ()  # module/objective names it cannot run with
     requires: ClassVar[tuple[str, ...]] = ()  # module/objective names it needs in the same recipe
     zero3_leaf_classes: ClassVar[tuple[type[nn.Module], ...]] = ()  # gathered whole under ZeRO-3
+    notes: ClassVar[str] = ""  # one line for the support matrix (e.g. when the export policy depends on options)
 
     def __init__(self, options: ModuleOptions):
         self.options = options

@@ -1,0 +1,305 @@
+"""Sparse mixture of LoRA experts on chosen linear layers of the LM (LLaVA-MoLE, Switch-style routing).
+
+LLaVA-MoLE: a frozen base weight plus E low-rank experts per targeted projection, each token sent to
+its top-k experts by a router, mitigates the conflicts between instruction data of distinct domains at
+about the cost of plain LoRA. Here one router per decoder block (on the MLP's input) is shared by the
+block's projections (default), or each projection has its own. The router runs in fp32; gates weight
+the experts by their probability (`prob`, Switch: the router learns from the LM loss) or not at all
+(`none`, LLaVA-MoLE: the router learns from the balance loss only).
+
+Seams: the module seam (attach, own parameter group, export, FLOPs), the forward context (token roles
+for the balance loss, the per-step generator for router jitter, `scratch` for the block's routing,
+`adapters_disabled`), aux losses (balance, z-loss, once per forward). Experts are stacked in one
+tensor per projection, so every rank runs the same modules whatever the routing: ZeRO-3 gathers the
+stack with its module and nothing is data-dependent at module level (no leaf needed, see
+docs/techniques/moe.md).
+
+Invariants (tests/test_moe_lora.py): B = 0 at init => equals the base; E = 1 equals peft LoRA; sparse
+dispatch equals the dense masked reference; balance loss = 1 at perfect balance, = E at collapse,
+gradient only through the mean probabilities, padding never counted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from llava_train.data.batch import TokenRole
+from llava_train.model import context
+from llava_train.modules.base import ModuleOptions, TechniqueModule, register_module
+
+DEFAULT_TARGETS = r".*\.mlp\.(gate_proj|up_proj|down_proj)"
+
+
+class MoELoRAOptions(ModuleOptions):
+    experts: int = Field(4, ge=1)  # E
+    rank: int = Field(8, ge=1)  # r of each expert
+    alpha: float = 16.0  # scale alpha / r, as LoRA
+    top_k: int = Field(1, ge=1)
+    targets: str = DEFAULT_TARGETS  # regex, full-matched against module names inside the LM
+    router: Literal["block", "projection"] = "block"  # one per decoder block (shared) or one per projection
+    block_scope: str = "mlp"  # the submodule of a decoder layer whose input the block router reads
+    gate: Literal["prob", "none"] = "prob"  # weight experts by router probability (Switch) or not (LLaVA-MoLE)
+    renormalise: bool = True  # top-k >= 2: the chosen probabilities sum to 1
+    balance_coef: float = Field(0.01, ge=0)  # Switch/GShard load-balancing loss weight
+    balance_tokens: Literal["all", "text"] = "all"  # which tokens the balance loss counts (padding never)
+    balance_reduce: Literal["mean", "sum"] = "mean"  # over routers (MoE-LLaVA sums)
+    z_loss_coef: float = Field(0.0, ge=0)  # router z-loss (ST-MoE)
+    jitter: float = Field(0.0, ge=0)  # multiplicative router-input noise in training (Switch), per-step generator
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _k_fits(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        return self
+
+
+# ----------------------------------------------------------------------------- pure tensor functions
+
+
+def route(logits: torch.Tensor, top_k: int, gate: str, renormalise: bool):
+    """fp32 logits [N, E] -> (probs [N, E], chosen experts [N, k], gate weights [N, k])."""
+    probs = logits.float().softmax(dim=-1)
+    top_p, top_i = probs.topk(top_k, dim=-1)
+    if gate == "none":
+        return probs, top_i, torch.ones_like(top_p)
+    if top_k > 1 and renormalise:
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+    return probs, top_i, top_p
+
+
+def balance_loss(probs: torch.Tensor, chosen: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard: E * sum_e f_e * P_e over the counted tokens. f_e (fraction of routed slots sent to
+    e) carries no gradient; P_e (mean probability) does. 1 at perfect balance, E at total collapse."""
+    experts = probs.shape[-1]
+    probs, chosen = probs[counted], chosen[counted]
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0  # keeps the graph (and the same ops on every rank)
+    dispatch = F.one_hot(chosen, experts).float().sum(dim=1)  # [n, E] slots per expert
+    fraction = dispatch.mean(dim=0) / chosen.shape[1]
+    return experts * (fraction.detach() * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    z = torch.logsumexp(logits.float()[counted], dim=-1)
+    return z.square().mean() if z.numel() else logits.sum() * 0.0
+
+
+def expert_deltas_sparse(x, a, b, chosen, weights, scale):
+    """sum over chosen experts of weight * scale * B_e A_e x, computing only the routed (token, expert) pairs.
+    x [N, d_in], a [E, r, d_in], b [E, d_out, r], chosen/weights [N, k] -> [N, d_out]."""
+    out = x.new_zeros(x.shape[0], b.shape[1])
+    for expert in range(a.shape[0]):
+        tokens, slot = (chosen == expert).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        h = F.linear(F.linear(x[tokens], a[expert]), b[expert])
+        out.index_add_(0, tokens, h * (scale * weights[tokens, slot]).unsqueeze(-1).to(h.dtype))
+    return out
+
+
+def expert_deltas_dense(x, a, b, chosen, weights, scale):
+    """The reference: every expert on every token, masked by the routing weights."""
+    mask = torch.zeros(x.shape[0], a.shape[0], dtype=weights.dtype, device=x.device)
+    mask.scatter_add_(1, chosen, weights)
+    h = torch.einsum("nd,erd->ner", x, a)
+    return torch.einsum("ner,eor,ne->no", h, b, mask.to(h.dtype)) * scale
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Router(nn.Module):
+    """A bias-free fp32 router; routes `x` and reports its losses and metrics once per forward."""
+
+    def __init__(self, hidden: int, options: MoELoRAOptions, name: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(options.experts, hidden))
+        nn.init.normal_(self.weight, std=hidden**-0.5)
+        self.options = options
+        self.name = name
+
+    def forward(self, x: torch.Tensor):
+        ctx = context.current()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if self.training and self.options.jitter:
+            gen = ctx.generator(f"moe_lora/{self.name}")
+            noise = torch.empty(flat.shape).uniform_(1 - self.options.jitter, 1 + self.options.jitter, generator=gen)
+            flat = flat * noise.to(flat.device)
+        with torch.autocast(flat.device.type, enabled=False):
+            logits = F.linear(flat, self.weight.float())
+        probs, chosen, weights = route(logits, self.options.top_k, self.options.gate, self.options.renormalise)
+        self._report(ctx, logits, probs, chosen, x.shape[:-1])
+        return chosen, weights
+
+    def _report(self, ctx, logits, probs, chosen, shape) -> None:
+        roles = ctx.token_roles.reshape(-1) if ctx.token_roles.shape == shape else None
+        counted = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        if roles is not None:
+            counted = roles != int(TokenRole.PAD)
+            if self.options.balance_tokens == "text":
+                counted &= roles == int(TokenRole.TEXT)
+        opts = self.options
+        if opts.balance_coef:
+            ctx.add_loss("moe_lora/balance", opts.balance_coef * balance_loss(probs, chosen, counted), opts.balance_reduce)
+        if opts.z_loss_coef:
+            ctx.add_loss("moe_lora/z_loss", opts.z_loss_coef * router_z_loss(logits, counted), opts.balance_reduce)
+        with torch.no_grad():
+            load = F.one_hot(chosen[counted], opts.experts).float().sum(dim=(0, 1))
+            load = load / load.sum().clamp(min=1)
+            entropy = -(probs[counted] * probs[counted].clamp(min=1e-9).log()).sum(-1).mean()
+        for expert in range(opts.experts):
+            ctx.add_metric(f"moe/load/{self.name}/expert{expert}", load[expert])
+        if counted.any():
+            ctx.add_metric(f"moe/entropy/{self.name}", entropy)
+
+
+class RoutedBlock(nn.Module):
+    """Wraps a decoder layer's `block_scope` submodule: routes its input once for all its projections."""
+
+    def __init__(self, base_layer: nn.Module, router: Router, key: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.router = router
+        self.key = key
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        ctx = context.current()
+        if not ctx.adapters_disabled:
+            ctx.scratch[self.key] = self.router(x)
+        return self.base_layer(x, *args, **kwargs)
+
+
+class MoELoRALinear(nn.Module):
+    """y = base(x) + sum over the token's chosen experts of gate * (alpha / r) * B_e A_e x."""
+
+    def __init__(self, base_layer: nn.Linear, options: MoELoRAOptions, router: Router | None, block_key: str | None):
+        super().__init__()
+        self.base_layer = base_layer
+        e, r = options.experts, options.rank
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.Parameter(torch.empty(e, r, d_in))
+        for expert in range(e):  # as peft/LoRA: kaiming-uniform A, zero B, so the model starts as its base
+            nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(e, d_out, r))
+        self.scale = options.alpha / r
+        self.router = router  # per-projection routing; None: read the block's routing from the context
+        self.block_key = block_key
+        self.dropout = nn.Dropout(options.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        ctx = context.current()
+        if ctx.adapters_disabled:
+            return out
+        chosen, weights = self.router(x) if self.router is not None else ctx.scratch[self.block_key]
+        flat = self.dropout(x).reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+        delta = expert_deltas_sparse(flat, self.lora_A, self.lora_B, chosen, weights, self.scale)
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """E = 1 (the only routing is 'everything to expert 0 with weight 1'): W + scale * B A."""
+        return self.base_layer.weight + self.scale * (self.lora_B[0] @ self.lora_A[0]).to(self.base_layer.weight.dtype)
+
+
+# ----------------------------------------------------------------------------- attach
+
+
+@register_module
+class MoELoRA(TechniqueModule):
+    name = "moe_lora"
+    Options = MoELoRAOptions
+    export = "keep"
+    notes = "export merges when experts = 1, else keeps the llava_train format"
+
+    def __init__(self, options: MoELoRAOptions):
+        super().__init__(options)
+        if options.experts == 1 and options.gate == "prob":
+            self.export = "merge"  # softmax over one expert is 1: the module is plain LoRA
+
+    def attach(self, model) -> dict[str, nn.Parameter]:
+        opts, params = self.options, {}
+        blocks: dict[str, RoutedBlock] = {}
+        self.forward_flops = 0.0
+        for name, linear in self._targets(model):
+            router, block_key = None, None
+            if opts.router == "block":
+                scope = self._scope(name)
+                if scope not in blocks:
+                    hidden = model.lm.config.hidden_size  # the block's input is the layer's hidden state
+                    shared = Router(hidden, opts, _layer_name(scope))
+                    blocks[scope] = RoutedBlock(model.lm.get_submodule(scope), shared, f"moe_lora/{scope}")
+                    params[f"{scope}.router.weight"] = shared.weight
+                    self.forward_flops += 2 * opts.experts * hidden
+                block_key = blocks[scope].key
+            else:
+                router = Router(linear.in_features, opts, f"{_layer_name(name)}.{name.rsplit('.', 1)[-1]}")
+                params[f"{name}.router.weight"] = router.weight
+                self.forward_flops += 2 * opts.experts * linear.in_features
+            wrapped = MoELoRALinear(linear, opts, router, block_key)
+            _replace(model.lm, name, wrapped)
+            params[f"{name}.lora_A"], params[f"{name}.lora_B"] = wrapped.lora_A, wrapped.lora_B
+            self.forward_flops += 2 * opts.top_k * opts.rank * (linear.in_features + linear.out_features)
+        for scope, block in blocks.items():  # after the projections: they live inside the block's module
+            _replace(model.lm, scope, block)
+        return params
+
+    def _targets(self, model) -> list[tuple[str, nn.Linear]]:
+        pattern = re.compile(self.options.targets)
+        head = model.lm.get_output_embeddings()
+        found = [
+            (name, module)
+            for name, module in model.lm.named_modules()
+            if isinstance(module, nn.Linear) and module is not head and pattern.fullmatch(name)
+        ]
+        if not found:
+            raise ValueError(f"modules: moe_lora targets {self.options.targets!r} match no Linear layer of the LM")
+        return found
+
+    def _scope(self, name: str) -> str:
+        """The block a target belongs to: its name up to the last `block_scope` component."""
+        parts = name.split(".")
+        if self.options.block_scope not in parts[:-1]:
+            raise ValueError(
+                f"modules: moe_lora target {name} is outside a `{self.options.block_scope}` block; "
+                "use router: projection for targets outside the block scope"
+            )
+        last = len(parts) - 1 - parts[:-1][::-1].index(self.options.block_scope) - 1
+        return ".".join(parts[: last + 1])
+
+    def merge(self, model) -> None:
+        if self.export != "merge":
+            return super().merge(model)
+        for name, module in list(model.lm.named_modules()):
+            if isinstance(module, RoutedBlock):
+                _replace(model.lm, name, module.base_layer)
+        for name, module in list(model.lm.named_modules()):
+            if isinstance(module, MoELoRALinear):
+                with torch.no_grad():
+                    module.base_layer.weight.copy_(module.merged_weight())
+                _replace(model.lm, name, module.base_layer)
+
+    def flops_per_token(self, model) -> float:
+        """Forward FLOPs per token: k experts' two low-rank matmuls per projection, plus the routers."""
+        return self.forward_flops
+
+    @classmethod
+    def example_options(cls, workdir) -> dict:
+        return {"experts": 2, "rank": 2, "top_k": 1}
+
+
+def _layer_name(name: str) -> str:
+    match = re.search(r"layers\.(\d+)", name)
+    return f"layer{match.group(1)}" if match else name.replace(".", "_")
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
