@@ -1,4 +1,4 @@
-"""Test plugin: force moe_lora's routing so that each rank's tokens go to one expert (tests/test_moe_lora.py).
+"""Test plugin: force the MoE modules' routing so that each rank's tokens go to one expert (tests/test_moe_lora.py).
 
 With MOE_ROUTE_BY_RANK=1 every token of rank R goes to expert R, and each rank records the keys of the
 samples it routed in MOE_KEYS_DIR/rank{R}.json. With MOE_ROUTE_MAP=<json {key: expert}> (a single-process
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from llava_train.model import context
-from llava_train.modules import moe_lora
+from llava_train.modules import routing
 
-_route = moe_lora.route
+_route = routing.route
 _seen: set[str] = set()
 
 
@@ -37,4 +37,4 @@ def forced_route(logits, top_k, gate, renormalise):
     return probs, chosen, weights
 
 
-moe_lora.route = forced_route
+routing.route = forced_route

@@ -14,14 +14,8 @@ from llava_train.model.export import export_checkpoint
 from llava_train.model.io import load_model_files
 from llava_train.model.lora import add_lora
 from llava_train.modules.attach import attach_modules, release_module_parameters
-from llava_train.modules.moe_lora import (
-    MoELoRALinear,
-    Router,
-    balance_loss,
-    expert_deltas_dense,
-    expert_deltas_sparse,
-    route,
-)
+from llava_train.modules.moe_lora import MoELoRALinear, expert_deltas_dense, expert_deltas_sparse
+from llava_train.modules.routing import Router, balance_loss, route
 from llava_train.recipe import LoraConfig, validate_recipe
 from llava_train.train.trainer import Trainer
 from tests.conftest import REPO, tiny_recipe_dict
@@ -108,7 +102,7 @@ def test_router_decisions_in_bf16_autocast_equal_fp32():
     from llava_train.modules.moe_lora import MoELoRAOptions
 
     torch.manual_seed(0)
-    router = Router(32, MoELoRAOptions(experts=8, top_k=2), "layer0")
+    router = Router(32, MoELoRAOptions(experts=8, top_k=2), "layer0", "moe_lora")
     x = torch.randn(2, 50, 32).bfloat16().float()  # values a bf16 model would hand over
     roles = torch.full((2, 50), int(TokenRole.TEXT), dtype=torch.int8)
     ctx = context.ForwardContext(roles, torch.zeros(2, 50, dtype=torch.long), torch.zeros(2, 50, dtype=torch.long),
@@ -117,8 +111,8 @@ def test_router_decisions_in_bf16_autocast_equal_fp32():
         plain = router(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast = router(x.bfloat16())
-    assert torch.equal(plain[0], autocast[0]) and autocast[1].dtype == torch.float32
-    torch.testing.assert_close(plain[1], autocast[1])
+    assert torch.equal(plain[1], autocast[1]) and autocast[2].dtype == torch.float32
+    torch.testing.assert_close(plain[2], autocast[2])
 
 
 # ----------------------------------------------------------------------------- on the model

@@ -27,69 +27,27 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from llava_train.data.batch import TokenRole
 from llava_train.model import context
 from llava_train.modules.base import ModuleOptions, TechniqueModule, register_module
+from llava_train.modules.routing import Router, RouterOptions
 
 DEFAULT_TARGETS = r".*\.mlp\.(gate_proj|up_proj|down_proj)"
 
 
-class MoELoRAOptions(ModuleOptions):
-    experts: int = Field(4, ge=1)  # E
+class MoELoRAOptions(ModuleOptions, RouterOptions):
     rank: int = Field(8, ge=1)  # r of each expert
     alpha: float = 16.0  # scale alpha / r, as LoRA
-    top_k: int = Field(1, ge=1)
     targets: str = DEFAULT_TARGETS  # regex, full-matched against module names inside the LM
     router: Literal["block", "projection"] = "block"  # one per decoder block (shared) or one per projection
     block_scope: str = "mlp"  # the submodule of a decoder layer whose input the block router reads
-    gate: Literal["prob", "none"] = "prob"  # weight experts by router probability (Switch) or not (LLaVA-MoLE)
-    renormalise: bool = True  # top-k >= 2: the chosen probabilities sum to 1
-    balance_coef: float = Field(0.01, ge=0)  # Switch/GShard load-balancing loss weight
-    balance_tokens: Literal["all", "text"] = "all"  # which tokens the balance loss counts (padding never)
-    balance_reduce: Literal["mean", "sum"] = "mean"  # over routers (MoE-LLaVA sums)
-    z_loss_coef: float = Field(0.0, ge=0)  # router z-loss (ST-MoE)
-    jitter: float = Field(0.0, ge=0)  # multiplicative router-input noise in training (Switch), per-step generator
     dropout: float = Field(0.0, ge=0, lt=1)
 
-    @model_validator(mode="after")
-    def _k_fits(self):
-        if self.top_k > self.experts:
-            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
-        return self
 
 
 # ----------------------------------------------------------------------------- pure tensor functions
-
-
-def route(logits: torch.Tensor, top_k: int, gate: str, renormalise: bool):
-    """fp32 logits [N, E] -> (probs [N, E], chosen experts [N, k], gate weights [N, k])."""
-    probs = logits.float().softmax(dim=-1)
-    top_p, top_i = probs.topk(top_k, dim=-1)
-    if gate == "none":
-        return probs, top_i, torch.ones_like(top_p)
-    if top_k > 1 and renormalise:
-        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-    return probs, top_i, top_p
-
-
-def balance_loss(probs: torch.Tensor, chosen: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """Switch/GShard: E * sum_e f_e * P_e over the counted tokens. f_e (fraction of routed slots sent to
-    e) carries no gradient; P_e (mean probability) does. 1 at perfect balance, E at total collapse."""
-    experts = probs.shape[-1]
-    probs, chosen = probs[counted], chosen[counted]
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0  # keeps the graph (and the same ops on every rank)
-    dispatch = F.one_hot(chosen, experts).float().sum(dim=1)  # [n, E] slots per expert
-    fraction = dispatch.mean(dim=0) / chosen.shape[1]
-    return experts * (fraction.detach() * probs.mean(dim=0)).sum()
-
-
-def router_z_loss(logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    z = torch.logsumexp(logits.float()[counted], dim=-1)
-    return z.square().mean() if z.numel() else logits.sum() * 0.0
 
 
 def expert_deltas_sparse(x, a, b, chosen, weights, scale):
@@ -116,51 +74,6 @@ def expert_deltas_dense(x, a, b, chosen, weights, scale):
 # ----------------------------------------------------------------------------- modules
 
 
-class Router(nn.Module):
-    """A bias-free fp32 router; routes `x` and reports its losses and metrics once per forward."""
-
-    def __init__(self, hidden: int, options: MoELoRAOptions, name: str):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(options.experts, hidden))
-        nn.init.normal_(self.weight, std=hidden**-0.5)
-        self.options = options
-        self.name = name
-
-    def forward(self, x: torch.Tensor):
-        ctx = context.current()
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if self.training and self.options.jitter:
-            gen = ctx.generator(f"moe_lora/{self.name}")
-            noise = torch.empty(flat.shape).uniform_(1 - self.options.jitter, 1 + self.options.jitter, generator=gen)
-            flat = flat * noise.to(flat.device)
-        with torch.autocast(flat.device.type, enabled=False):
-            logits = F.linear(flat, self.weight.float())
-        probs, chosen, weights = route(logits, self.options.top_k, self.options.gate, self.options.renormalise)
-        self._report(ctx, logits, probs, chosen, x.shape[:-1])
-        return chosen, weights
-
-    def _report(self, ctx, logits, probs, chosen, shape) -> None:
-        roles = ctx.token_roles.reshape(-1) if ctx.token_roles.shape == shape else None
-        counted = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
-        if roles is not None:
-            counted = roles != int(TokenRole.PAD)
-            if self.options.balance_tokens == "text":
-                counted &= roles == int(TokenRole.TEXT)
-        opts = self.options
-        if opts.balance_coef:
-            ctx.add_loss("moe_lora/balance", opts.balance_coef * balance_loss(probs, chosen, counted), opts.balance_reduce)
-        if opts.z_loss_coef:
-            ctx.add_loss("moe_lora/z_loss", opts.z_loss_coef * router_z_loss(logits, counted), opts.balance_reduce)
-        with torch.no_grad():
-            load = F.one_hot(chosen[counted], opts.experts).float().sum(dim=(0, 1))
-            load = load / load.sum().clamp(min=1)
-            entropy = -(probs[counted] * probs[counted].clamp(min=1e-9).log()).sum(-1).mean()
-        for expert in range(opts.experts):
-            ctx.add_metric(f"moe/load/{self.name}/expert{expert}", load[expert])
-        if counted.any():
-            ctx.add_metric(f"moe/entropy/{self.name}", entropy)
-
-
 class RoutedBlock(nn.Module):
     """Wraps a decoder layer's `block_scope` submodule: routes its input once for all its projections."""
 
@@ -173,7 +86,7 @@ class RoutedBlock(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         ctx = context.current()
         if not ctx.adapters_disabled:
-            ctx.scratch[self.key] = self.router(x)
+            ctx.scratch[self.key] = self.router(x)[1:]  # (chosen, weights)
         return self.base_layer(x, *args, **kwargs)
 
 
@@ -199,7 +112,7 @@ class MoELoRALinear(nn.Module):
         ctx = context.current()
         if ctx.adapters_disabled:
             return out
-        chosen, weights = self.router(x) if self.router is not None else ctx.scratch[self.block_key]
+        chosen, weights = self.router(x)[1:] if self.router is not None else ctx.scratch[self.block_key]
         flat = self.dropout(x).reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         delta = expert_deltas_sparse(flat, self.lora_A, self.lora_B, chosen, weights, self.scale)
         return out + delta.reshape(out.shape).to(out.dtype)
@@ -234,13 +147,13 @@ class MoELoRA(TechniqueModule):
                 scope = self._scope(name)
                 if scope not in blocks:
                     hidden = model.lm.config.hidden_size  # the block's input is the layer's hidden state
-                    shared = Router(hidden, opts, _layer_name(scope))
+                    shared = Router(hidden, opts, _layer_name(scope), loss_prefix=self.name)
                     blocks[scope] = RoutedBlock(model.lm.get_submodule(scope), shared, f"moe_lora/{scope}")
                     params[f"{scope}.router.weight"] = shared.weight
                     self.forward_flops += 2 * opts.experts * hidden
                 block_key = blocks[scope].key
             else:
-                router = Router(linear.in_features, opts, f"{_layer_name(name)}.{name.rsplit('.', 1)[-1]}")
+                router = Router(linear.in_features, opts, f"{_layer_name(name)}.{name.rsplit('.', 1)[-1]}", self.name)
                 params[f"{name}.router.weight"] = router.weight
                 self.forward_flops += 2 * opts.experts * linear.in_features
             wrapped = MoELoRALinear(linear, opts, router, block_key)
