@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from PIL import Image
-
 from llava_train.data.anyres import AnyResTiler
 from llava_train.data.batch import IGNORE_INDEX, Example
 from llava_train.data.errors import BadSample
 from llava_train.data.images import ImageProcessor, decode_image
 from llava_train.data.templates import IMAGE_TOKEN, USER, ConversationTemplate, Encoded, normalise, turn_role
+from llava_train.data.visual_tokens import VisualTokens
 
 
 class SampleEncoder:
@@ -18,19 +17,25 @@ class SampleEncoder:
 
     With an AnyRes `tiler`, each image becomes several (tiles + thumbnail), so its one
     `<image>` is expanded to as many consecutive image spans before the text is encoded.
+
+    `visual_tokens` is the connector's count per image (an int, or its VisualTokens). A fixed
+    count is expanded here; a count that varies with the step's budget leaves each span
+    compact (one token, see Example) for collate to expand. Truncation always plans for the
+    largest count, so no budget can push a sample past max_length, and never cuts a span.
     """
 
     def __init__(
         self,
         template: ConversationTemplate,
         image_processor: ImageProcessor,
-        num_image_tokens: int,
+        visual_tokens: VisualTokens | int,
         max_length: int,
         tiler: AnyResTiler | None = None,
     ):
         self.template = template
         self.image_processor = image_processor
-        self.num_image_tokens = num_image_tokens
+        self.visual = visual_tokens if isinstance(visual_tokens, VisualTokens) else VisualTokens.fixed(visual_tokens)
+        self.num_image_tokens = self.visual.max_tokens  # what truncation plans for
         self.max_length = max_length
         self.tiler = tiler
 
@@ -52,20 +57,30 @@ class SampleEncoder:
         placeholders = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
         if placeholders != len(exts):
             raise BadSample("image count mismatch", f"{placeholders} {IMAGE_TOKEN} in the text, {len(exts)} images")
+        (ids, labels, slots), images = self._encode_images(raw, conversations, exts)
+        return Example(
+            input_ids=ids,
+            labels=labels,
+            images=images,
+            key=str(record.get("id") or raw.get("__key__", "")),
+            meta=dict(record.get("meta") or {}),
+            source=str(raw.get("__source__", "")),
+            image_slots=slots,
+        )
+
+    def _encode_images(self, raw: dict, conversations: list[dict], exts: list[str]):
+        """(ids, labels, compact image slots) of the conversation, and its images."""
         if self.tiler is None:
             encoded = self._encode(conversations)
             # Only the images whose spans survived truncation are decoded.
             images = [self.image_processor(decode_image(raw[ext])) for ext in exts[: encoded.num_images]]
         else:
-            encoded, images = self._encode_tiled(conversations, [decode_image(raw[ext]) for ext in exts])
-        return Example(
-            input_ids=encoded.input_ids,
-            labels=encoded.labels,
-            images=images,
-            key=str(record.get("id") or raw.get("__key__", "")),
-            meta=dict(record.get("meta") or {}),
-            source=str(raw.get("__source__", "")),
-        )
+            decoded = [decode_image(raw[ext]) for ext in exts]
+            counts = [self.tiler.num_images(image.size) for image in decoded]
+            encoded = self._encode_tiled(conversations, counts)
+            kept = _whole_images(counts, encoded.num_images)
+            images = [tile for image in decoded[:kept] for tile in self.tiler(image)]
+        return self._compact(encoded), images
 
     def _encode(self, conversations: list[dict]) -> Encoded:
         try:
@@ -76,12 +91,15 @@ class SampleEncoder:
             raise BadSample("over-long", f"nothing supervised is left within max_length={self.max_length}")
         return encoded
 
-    def _encode_tiled(self, conversations: list[dict], decoded: list[Image.Image]):
-        counts = [self.tiler.num_images(image.size) for image in decoded]
+    def _encode_tiled(self, conversations: list[dict], counts: list[int]) -> Encoded:
         encoded = self._encode(expand_placeholders(conversations, counts))
-        encoded = drop_partial_image(encoded, counts, self.num_image_tokens)
-        kept = _whole_images(counts, encoded.num_images)
-        return encoded, [tile for image in decoded[:kept] for tile in self.tiler(image)]
+        return drop_partial_image(encoded, counts, self.num_image_tokens)
+
+    def _compact(self, encoded: Encoded) -> tuple[list[int], list[int], tuple[int, ...]]:
+        """(ids, labels, slots): a fixed count stays expanded; a varying one becomes one token per span."""
+        if not self.visual.varies:
+            return encoded.input_ids, encoded.labels, ()
+        return compact_spans(encoded, self.template.image_token_id, self.num_image_tokens)
 
 
 def expand_placeholders(conversations: list[dict], counts: list[int]) -> list[dict]:
@@ -114,6 +132,23 @@ def drop_partial_image(encoded: Encoded, counts: list[int], tokens_per_image: in
     if all(label == IGNORE_INDEX for label in labels[1:]):
         raise BadSample("over-long", "nothing supervised is left once an image's tiles cut by max_length are dropped")
     return Encoded(encoded.input_ids[:cut], labels, encoded.num_images - partial)
+
+
+def compact_spans(encoded: Encoded, image_token_id: int, per_span: int) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """Each run of `per_span` image tokens -> one image token; returns (ids, labels, its positions). Image
+    tokens come only from image spans (templates strip `<image>` from text), which are never supervised."""
+    ids, labels, slots, at = [], [], [], 0
+    while at < len(encoded.input_ids):
+        if encoded.input_ids[at] == image_token_id:
+            slots.append(len(ids))
+            ids.append(image_token_id)
+            labels.append(IGNORE_INDEX)
+            at += per_span
+        else:
+            ids.append(encoded.input_ids[at])
+            labels.append(encoded.labels[at])
+            at += 1
+    return ids, labels, tuple(slots)
 
 
 def _whole_images(counts: list[int], spans: int) -> int:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_train.data import pipeline
+from llava_train.data.batch import TokenRole
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.io import load_weights, model_files_dir, save_model_files, WEIGHTS
 from llava_train.model.mllm import MultimodalLM
@@ -114,8 +115,8 @@ class Trainer:
         data, d = self.recipe.data, self.dist
         encoder = pipeline.make_encoder(data, self.tokenizer, self.model)
         collate_fn = pipeline.make_collate(self.tokenizer, self.model)
-        mb = self.cfg.micro_batch_size
-        self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, self.cfg.seed, d.rank, d.world_size)
+        mb, seed, accum = self.cfg.micro_batch_size, self.cfg.seed, self.cfg.grad_accum
+        self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, seed, d.rank, d.world_size, accum)
         self.eval_loader = pipeline.eval_loader(data, encoder, collate_fn, mb, d.rank, d.world_size)
         self.train_iter = None
 
@@ -213,6 +214,7 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = [next(self.train_iter) for _ in range(cfg.grad_accum)]
         data_time = time.perf_counter() - start
+        visual = _visual_metrics(micro_batches)  # refuses a step whose micro-batches disagree on the budget
         self.timer.pop()  # drop anything timed outside the step (evaluation, for one)
         local_tokens = sum(b.num_supervised_tokens for b in micro_batches)
         global_tokens = max(1, int(_all_reduce_sum(torch.tensor(float(local_tokens)))))
@@ -258,6 +260,7 @@ class Trainer:
             "padding_fraction": 1 - tokens / sum(b.input_ids.numel() for b in micro_batches),
             "nonfinite_skipped": self.nonfinite.skipped_total,
             **self.timer.pop(),
+            **visual,
             **{f"aux/{k}": v for k, v in aux_totals.items()},
             **{f"objective/{k}": v for k, v in objective_metrics.items()},
         }
@@ -367,6 +370,20 @@ class Trainer:
         self.samples_seen = manifest.get("samples_seen", 0)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+
+def _visual_metrics(micro_batches: list) -> dict[str, float]:
+    """The step's visual budget (when the connector's count varies) and this rank's image tokens. The loader plans
+    every micro-batch for the budget of the step it expects it in, so they must agree."""
+    budgets = {b.visual_budget for b in micro_batches}
+    if len(budgets) > 1:
+        raise RuntimeError(
+            f"the micro-batches of one step carry visual budgets {sorted(budgets)}: the data loader and the "
+            "trainer disagree on step boundaries (was the loader built with this run's train.grad_accum?)"
+        )
+    image_tokens = sum(int((b.token_roles == int(TokenRole.IMAGE)).sum()) for b in micro_batches)
+    budget = budgets.pop()
+    return {"visual_tokens": image_tokens, **({"visual_budget": budget} if budget is not None else {})}
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
