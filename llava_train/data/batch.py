@@ -42,6 +42,8 @@ class Example:
     meta: dict = field(default_factory=dict)
     source: str = ""  # the data source (mixture entry) it came from
     image_slots: tuple[int, ...] = ()  # positions of compact image spans (one token each)
+    group: str = ""  # key of the group (e.g. a preference pair) this sample belongs to; "" = none
+    member: str = ""  # its name in the group (e.g. "chosen", "rejected")
 
     @property
     def has_images(self) -> bool:
@@ -92,6 +94,9 @@ class Batch:
     keys: list[str] = field(default_factory=list)  # one per sample, in sequence-id order
     meta: list[dict] = field(default_factory=list)
     visual_budget: int | None = None  # the connector budget the image spans were expanded for (None: full)
+    # Grouped samples (preference pairs): which group each sample (sequence id) is in, and its member name.
+    group_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [num_samples]
+    group_members: list[str] = field(default_factory=list)  # one per sample: "chosen", "rejected", or ""
 
     @property
     def num_supervised_tokens(self) -> int:
@@ -104,6 +109,10 @@ class Batch:
     @property
     def num_samples(self) -> int:
         return len(self.keys)  # rows count samples only when nothing is packed
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_index.max()) + 1 if self.group_index.numel() else 0
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         """Tensors to `device`; `dtype` applies to the pixels only."""

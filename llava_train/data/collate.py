@@ -6,7 +6,8 @@ ignored, so the last token of one sample never learns to predict the first of th
 (the objective shifts labels by one within a row).
 
 Compact image spans (see `Example`) are expanded here to `tokens_per_image`, the count of
-the micro-batch's visual budget, which the Batch records as `visual_budget`.
+the micro-batch's visual budget, which the Batch records as `visual_budget`. Consecutive
+members of one group (a preference pair) share a `group_index`.
 """
 
 from __future__ import annotations
@@ -81,5 +82,19 @@ def collate_rows(
         keys=[e.key for e in examples],
         meta=[e.meta for e in examples],
         visual_budget=visual_budget,
+        group_index=torch.tensor(group_indices(examples), dtype=torch.long),
+        group_members=[e.member for e in examples],
     )
 
+
+def group_indices(examples: list[Example]) -> list[int]:
+    """Group number per sample: a group's members are consecutive (batching keeps them together); a new group
+    starts where the key changes or a member name repeats (the same record twice). Ungrouped: one each."""
+    out, group, members, previous = [], -1, set(), None
+    for example in examples:
+        if not example.group or example.group != previous or example.member in members:
+            group, members = group + 1, set()
+        members.add(example.member)
+        previous = example.group
+        out.append(group)
+    return out

@@ -1,4 +1,8 @@
-"""Raw shard sample -> Example: check the record, encode the conversation, decode the images."""
+"""Raw shard sample -> Example: check the record, encode the conversation, decode the images.
+
+A preference-pair record ({prompt, chosen, rejected}) becomes a group: two Examples,
+prompt + chosen and prompt + rejected, each a one-turn conversation with the same images.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from llava_train.data.errors import BadSample
 from llava_train.data.images import ImageProcessor, decode_image
 from llava_train.data.templates import IMAGE_TOKEN, USER, ConversationTemplate, Encoded, normalise, turn_role
 from llava_train.data.visual_tokens import VisualTokens
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 class SampleEncoder:
@@ -22,6 +28,9 @@ class SampleEncoder:
     count is expanded here; a count that varies with the step's budget leaves each span
     compact (one token, see Example) for collate to expand. Truncation always plans for the
     largest count, so no budget can push a sample past max_length, and never cuts a span.
+
+    A preference pair needs `accept_groups` (the objective reads pairs): without it the first
+    pair record is a fatal error, never trained on as something else.
     """
 
     def __init__(
@@ -31,6 +40,7 @@ class SampleEncoder:
         visual_tokens: VisualTokens | int,
         max_length: int,
         tiler: AnyResTiler | None = None,
+        accept_groups: bool = False,
     ):
         self.template = template
         self.image_processor = image_processor
@@ -38,9 +48,13 @@ class SampleEncoder:
         self.num_image_tokens = self.visual.max_tokens  # what truncation plans for
         self.max_length = max_length
         self.tiler = tiler
+        self.accept_groups = accept_groups
 
-    def __call__(self, raw: dict) -> Example:
+    def __call__(self, raw: dict) -> Example | list[Example]:
         record = raw.get("json")
+        pair = self._pair(raw)  # {"chosen": conversation, "rejected": conversation}, or None
+        if pair is not None:
+            record = {**record, "conversations": pair["chosen"]}  # the checks below read one member
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise BadSample("missing field", "the record has no `conversations` list")
         conversations = record["conversations"]
@@ -57,30 +71,58 @@ class SampleEncoder:
         placeholders = sum(text.count(IMAGE_TOKEN) for role, text in turns if role == "user")
         if placeholders != len(exts):
             raise BadSample("image count mismatch", f"{placeholders} {IMAGE_TOKEN} in the text, {len(exts)} images")
-        (ids, labels, slots), images = self._encode_images(raw, conversations, exts)
-        return Example(
-            input_ids=ids,
-            labels=labels,
-            images=images,
-            key=str(record.get("id") or raw.get("__key__", "")),
-            meta=dict(record.get("meta") or {}),
-            source=str(raw.get("__source__", "")),
-            image_slots=slots,
-        )
+        members = pair or {"": conversations}
+        encoded, images = self._encode_members(raw, list(members.values()), exts)
+        key = str(record.get("id") or raw.get("__key__", ""))
+        examples = [
+            Example(
+                input_ids=ids,
+                labels=labels,
+                images=images,  # a group's members share the image tensors
+                key=key,
+                meta=dict(record.get("meta") or {}),
+                source=str(raw.get("__source__", "")),
+                image_slots=slots,
+                group=key if pair else "",
+                member=name,
+            )
+            for name, (ids, labels, slots) in zip(members, encoded)
+        ]
+        return examples if pair else examples[0]
 
-    def _encode_images(self, raw: dict, conversations: list[dict], exts: list[str]):
-        """(ids, labels, compact image slots) of the conversation, and its images."""
+    def _pair(self, raw: dict) -> dict[str, list[dict]] | None:
+        """A preference pair's two conversations; None for a conversation record."""
+        record = raw.get("json")
+        if not isinstance(record, dict) or not any(name in record for name in ("chosen", "rejected")):
+            return None
+        if not self.accept_groups:
+            raise ValueError(
+                f"shard {raw.get('__shard__')} holds preference pairs (record {record.get('id', raw.get('__key__'))!r} "
+                "has prompt/chosen/rejected), but this run's objective trains on single conversations; preference "
+                "pairs need an objective that reads pairs (e.g. dpo): set stage.objective, or leave these shards out "
+                "of data.train"
+            )
+        missing = [name for name in PAIR_FIELDS if not isinstance(record.get(name), str)]
+        if missing:
+            raise BadSample("missing field", f"a preference pair needs text fields {PAIR_FIELDS}; missing: {missing}")
+        prompt = {"from": "human", "value": record["prompt"]}
+        return {name: [prompt, {"from": "gpt", "value": record[name]}] for name in ("chosen", "rejected")}
+
+    def _encode_members(self, raw: dict, members: list[list[dict]], exts: list[str]):
+        """Each member conversation -> (ids, labels, compact image slots), and the images they share."""
         if self.tiler is None:
-            encoded = self._encode(conversations)
+            encoded = [self._encode(conversations) for conversations in members]
             # Only the images whose spans survived truncation are decoded.
-            images = [self.image_processor(decode_image(raw[ext])) for ext in exts[: encoded.num_images]]
+            images = [self.image_processor(decode_image(raw[ext])) for ext in exts[: encoded[0].num_images]]
         else:
             decoded = [decode_image(raw[ext]) for ext in exts]
             counts = [self.tiler.num_images(image.size) for image in decoded]
-            encoded = self._encode_tiled(conversations, counts)
-            kept = _whole_images(counts, encoded.num_images)
+            encoded = [self._encode_tiled(conversations, counts) for conversations in members]
+            kept = _whole_images(counts, encoded[0].num_images)
             images = [tile for image in decoded[:kept] for tile in self.tiler(image)]
-        return self._compact(encoded), images
+        if any(e.num_images != encoded[0].num_images for e in encoded):
+            raise BadSample("over-long", "max_length cuts the group's members at different images")
+        return [self._compact(e) for e in encoded], images
 
     def _encode(self, conversations: list[dict]) -> Encoded:
         try:

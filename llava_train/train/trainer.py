@@ -113,7 +113,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         data, d = self.recipe.data, self.dist
-        encoder = pipeline.make_encoder(data, self.tokenizer, self.model)
+        # Grouped samples (preference pairs) are for objectives that declare they read them.
+        reads_groups = getattr(OBJECTIVES[self.recipe.stage.objective], "reads_groups", False)
+        encoder = pipeline.make_encoder(data, self.tokenizer, self.model, accept_groups=reads_groups)
         collate_fn = pipeline.make_collate(self.tokenizer, self.model)
         mb, seed, accum = self.cfg.micro_batch_size, self.cfg.seed, self.cfg.grad_accum
         self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, seed, d.rank, d.world_size, accum)
