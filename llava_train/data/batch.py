@@ -27,7 +27,13 @@ class TokenRole(IntEnum):
 @dataclass
 class Example:
     """One tokenised sample. `images` holds one preprocessed [3, H, W] tensor per
-    image placeholder span in `input_ids`, in order of appearance."""
+    image placeholder span in `input_ids`, in order of appearance.
+
+    A span is either already expanded (the image token repeated the connector's fixed
+    count) or, when the count depends on the step's visual budget, held compact: ONE image
+    token at each position in `image_slots`, expanded by collate for the micro-batch's
+    budget. Lengths that batching compares come from `len_at(tokens_per_image)`.
+    """
 
     input_ids: list[int]
     labels: list[int]
@@ -35,13 +41,43 @@ class Example:
     key: str = ""
     meta: dict = field(default_factory=dict)
     source: str = ""  # the data source (mixture entry) it came from
+    image_slots: tuple[int, ...] = ()  # positions of compact image spans (one token each)
+    group: str = ""  # key of the group (e.g. a preference pair) this sample belongs to; "" = none
+    member: str = ""  # its name in the group (e.g. "chosen", "rejected")
 
     @property
     def has_images(self) -> bool:
         return bool(self.images)
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.input_ids)  # as stored: compact spans count one token
+
+    def len_at(self, tokens_per_image: int | None) -> int:
+        """Length once each compact span holds `tokens_per_image` tokens."""
+        if not self.image_slots:
+            return len(self.input_ids)
+        return len(self.input_ids) + len(self.image_slots) * (_count(tokens_per_image, self.key) - 1)
+
+    def expanded(self, tokens_per_image: int | None) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) with each compact span expanded to `tokens_per_image` image tokens."""
+        if not self.image_slots:
+            return self.input_ids, self.labels
+        n = _count(tokens_per_image, self.key)
+        ids, labels, at = [], [], 0
+        for slot in self.image_slots:
+            ids += self.input_ids[at:slot] + [self.input_ids[slot]] * n
+            labels += self.labels[at:slot] + [IGNORE_INDEX] * n
+            at = slot + 1
+        return ids + self.input_ids[at:], labels + self.labels[at:]
+
+
+def _count(tokens_per_image: int | None, key: str) -> int:
+    if tokens_per_image is None:
+        raise ValueError(
+            f"sample {key!r} holds compact image spans, whose size depends on the visual budget; "
+            "pass the micro-batch's tokens_per_image (BatchStream plans them with the connector's VisualTokens)"
+        )
+    return tokens_per_image
 
 
 @dataclass
@@ -57,6 +93,10 @@ class Batch:
     packed: bool = False  # some row holds several samples: attention must be block-diagonal
     keys: list[str] = field(default_factory=list)  # one per sample, in sequence-id order
     meta: list[dict] = field(default_factory=list)
+    visual_budget: int | None = None  # the connector budget the image spans were expanded for (None: full)
+    # Grouped samples (preference pairs): which group each sample (sequence id) is in, and its member name.
+    group_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [num_samples]
+    group_members: list[str] = field(default_factory=list)  # one per sample: "chosen", "rejected", or ""
 
     @property
     def num_supervised_tokens(self) -> int:
@@ -69,6 +109,10 @@ class Batch:
     @property
     def num_samples(self) -> int:
         return len(self.keys)  # rows count samples only when nothing is packed
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_index.max()) + 1 if self.group_index.numel() else 0
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         """Tensors to `device`; `dtype` applies to the pixels only."""

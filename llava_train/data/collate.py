@@ -4,6 +4,10 @@
 after another. Inside a row each sample's positions restart at 0 and its first label is
 ignored, so the last token of one sample never learns to predict the first of the next
 (the objective shifts labels by one within a row).
+
+Compact image spans (see `Example`) are expanded here to `tokens_per_image`, the count of
+the micro-batch's visual budget, which the Batch records as `visual_budget`. Consecutive
+members of one group (a preference pair) share a `group_index`.
 """
 
 from __future__ import annotations
@@ -13,20 +17,32 @@ import torch
 from llava_train.data.batch import IGNORE_INDEX, Batch, Example, TokenRole
 from llava_train.data.encode import SampleEncoder
 
-__all__ = ["SampleEncoder", "collate", "collate_rows"]
+__all__ = ["SampleEncoder", "collate", "collate_planned", "collate_rows"]
 
 
-def collate(examples: list[Example], pad_token_id: int, image_token_id: int) -> Batch:
+def collate(examples: list[Example], pad_token_id: int, image_token_id: int, **budget) -> Batch:
     """One example per row."""
-    return collate_rows([[e] for e in examples], pad_token_id, image_token_id)
+    return collate_rows([[e] for e in examples], pad_token_id, image_token_id, **budget)
 
 
-def collate_rows(rows: list[list[Example]], pad_token_id: int, image_token_id: int) -> Batch:
+def collate_planned(batch: list[list[Example]], pad_token_id: int, image_token_id: int) -> Batch:
+    """A micro-batch from BatchStream (a PlannedBatch), at the visual budget it was planned for."""
+    budget = {k: getattr(batch, k, None) for k in ("tokens_per_image", "visual_budget")}
+    return collate_rows(batch, pad_token_id, image_token_id, **budget)
+
+
+def collate_rows(
+    rows: list[list[Example]],
+    pad_token_id: int,
+    image_token_id: int,
+    tokens_per_image: int | None = None,
+    visual_budget: int | None = None,
+) -> Batch:
     if not rows or not all(rows):
         raise ValueError("cannot collate an empty batch or an empty row")
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    width = max(sum(len(e) for e in row) for row in rows)
+    width = max(sum(e.len_at(tokens_per_image) for e in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -36,9 +52,10 @@ def collate_rows(rows: list[list[Example]], pad_token_id: int, image_token_id: i
     for row, samples in enumerate(rows):
         start = 0
         for example in samples:
-            end = start + len(example)
-            input_ids[row, start:end] = torch.tensor(example.input_ids, dtype=torch.long)
-            labels[row, start:end] = torch.tensor(example.labels, dtype=torch.long)
+            ids, targets = example.expanded(tokens_per_image)
+            end = start + len(ids)
+            input_ids[row, start:end] = torch.tensor(ids, dtype=torch.long)
+            labels[row, start:end] = torch.tensor(targets, dtype=torch.long)
             if start > 0:
                 labels[row, start] = IGNORE_INDEX
             position_ids[row, start:end] = torch.arange(end - start)
@@ -64,4 +81,20 @@ def collate_rows(rows: list[list[Example]], pad_token_id: int, image_token_id: i
         packed=any(len(row) > 1 for row in rows),
         keys=[e.key for e in examples],
         meta=[e.meta for e in examples],
+        visual_budget=visual_budget,
+        group_index=torch.tensor(group_indices(examples), dtype=torch.long),
+        group_members=[e.member for e in examples],
     )
+
+
+def group_indices(examples: list[Example]) -> list[int]:
+    """Group number per sample: a group's members are consecutive (batching keeps them together); a new group
+    starts where the key changes or a member name repeats (the same record twice). Ungrouped: one each."""
+    out, group, members, previous = [], -1, set(), None
+    for example in examples:
+        if not example.group or example.group != previous or example.member in members:
+            group, members = group + 1, set()
+        members.add(example.member)
+        previous = example.group
+        out.append(group)
+    return out

@@ -1,8 +1,10 @@
-"""Raw shard sample -> Example: check the record, encode the conversation, decode the images."""
+"""Raw shard sample -> Example: check the record, encode the conversation, decode the images.
+
+A preference-pair record ({prompt, chosen, rejected}) becomes a group: two Examples,
+prompt + chosen and prompt + rejected, each a one-turn conversation with the same images.
+"""
 
 from __future__ import annotations
-
-from PIL import Image
 
 from llava_train.data.anyres import AnyResTiler
 from llava_train.data.batch import IGNORE_INDEX, Example
@@ -10,6 +12,9 @@ from llava_train.data.errors import BadSample
 from llava_train.data.images import ImageProcessor, decode_image
 from llava_train.data.raw_sample import sample_parts
 from llava_train.data.templates import IMAGE_TOKEN, USER, ConversationTemplate, Encoded, turn_role
+from llava_train.data.visual_tokens import VisualTokens
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 class SampleEncoder:
@@ -20,39 +25,94 @@ class SampleEncoder:
 
     With an AnyRes `tiler`, each image becomes several (tiles + thumbnail), so its one
     `<image>` is expanded to as many consecutive image spans before the text is encoded.
+
+    `visual_tokens` is the connector's count per image (an int, or its VisualTokens). A fixed
+    count is expanded here; a count that varies with the step's budget leaves each span
+    compact (one token, see Example) for collate to expand. Truncation always plans for the
+    largest count, so no budget can push a sample past max_length, and never cuts a span.
+
+    A preference pair needs `accept_groups` (the objective reads pairs): without it the first
+    pair record is a fatal error, never trained on as something else.
     """
 
     def __init__(
         self,
         template: ConversationTemplate,
         image_processor: ImageProcessor,
-        num_image_tokens: int,
+        visual_tokens: VisualTokens | int,
         max_length: int,
         tiler: AnyResTiler | None = None,
+        accept_groups: bool = False,
     ):
         self.template = template
         self.image_processor = image_processor
-        self.num_image_tokens = num_image_tokens
+        self.visual = visual_tokens if isinstance(visual_tokens, VisualTokens) else VisualTokens.fixed(visual_tokens)
+        self.num_image_tokens = self.visual.max_tokens  # what truncation plans for
         self.max_length = max_length
         self.tiler = tiler
+        self.accept_groups = accept_groups
 
-    def __call__(self, raw: dict) -> Example:
+    def __call__(self, raw: dict) -> Example | list[Example]:
+        pair = self._pair(raw)  # {"chosen": conversation, "rejected": conversation}, or None
+        if pair is not None:  # the record checks below read one member; both share its prompt
+            raw = {**raw, "json": {**raw["json"], "conversations": pair["chosen"]}}
         parts = sample_parts(raw)  # the conversation and its image bytes, placeholders checked
-        record, conversations = raw.get("json") or {}, parts.conversations
-        if self.tiler is None:
-            encoded = self._encode(conversations)
-            # Only the images whose spans survived truncation are decoded.
-            images = [self.image_processor(decode_image(data)) for data in parts.images[: encoded.num_images]]
+        record = raw.get("json") or {}
+        if pair is None:
+            members = {"": parts.conversations}
         else:
-            encoded, images = self._encode_tiled(conversations, [decode_image(data) for data in parts.images])
-        return Example(
-            input_ids=encoded.input_ids,
-            labels=encoded.labels,
-            images=images,
-            key=str(record.get("id") or raw.get("__key__", "")),
-            meta=dict(record.get("meta") or {}),
-            source=str(raw.get("__source__", "")),
-        )
+            members = {"chosen": parts.conversations, "rejected": [*parts.conversations[:-1], pair["rejected"][-1]]}
+        encoded, images = self._encode_members(list(members.values()), parts.images)
+        key = str(record.get("id") or raw.get("__key__", ""))
+        examples = [
+            Example(
+                input_ids=ids,
+                labels=labels,
+                images=images,  # a group's members share the image tensors
+                key=key,
+                meta=dict(record.get("meta") or {}),
+                source=str(raw.get("__source__", "")),
+                image_slots=slots,
+                group=key if pair else "",
+                member=name,
+            )
+            for name, (ids, labels, slots) in zip(members, encoded)
+        ]
+        return examples if pair else examples[0]
+
+    def _pair(self, raw: dict) -> dict[str, list[dict]] | None:
+        """A preference pair's two conversations; None for a conversation record."""
+        record = raw.get("json")
+        if not isinstance(record, dict) or not any(name in record for name in ("chosen", "rejected")):
+            return None
+        if not self.accept_groups:
+            raise ValueError(
+                f"shard {raw.get('__shard__')} holds preference pairs (record {record.get('id', raw.get('__key__'))!r} "
+                "has prompt/chosen/rejected), but this run's objective trains on single conversations; preference "
+                "pairs need an objective that reads pairs (e.g. dpo): set stage.objective, or leave these shards out "
+                "of data.train"
+            )
+        missing = [name for name in PAIR_FIELDS if not isinstance(record.get(name), str)]
+        if missing:
+            raise BadSample("missing field", f"a preference pair needs text fields {PAIR_FIELDS}; missing: {missing}")
+        prompt = {"from": "human", "value": record["prompt"]}
+        return {name: [prompt, {"from": "gpt", "value": record[name]}] for name in ("chosen", "rejected")}
+
+    def _encode_members(self, members: list[list[dict]], image_bytes: list[bytes]):
+        """Each member conversation -> (ids, labels, compact image slots), and the images they share."""
+        if self.tiler is None:
+            encoded = [self._encode(conversations) for conversations in members]
+            # Only the images whose spans survived truncation are decoded.
+            images = [self.image_processor(decode_image(data)) for data in image_bytes[: encoded[0].num_images]]
+        else:
+            decoded = [decode_image(data) for data in image_bytes]
+            counts = [self.tiler.num_images(image.size) for image in decoded]
+            encoded = [self._encode_tiled(conversations, counts) for conversations in members]
+            kept = _whole_images(counts, encoded[0].num_images)
+            images = [tile for image in decoded[:kept] for tile in self.tiler(image)]
+        if any(e.num_images != encoded[0].num_images for e in encoded):
+            raise BadSample("over-long", "max_length cuts the group's members at different images")
+        return [self._compact(e) for e in encoded], images
 
     def _encode(self, conversations: list[dict]) -> Encoded:
         try:
@@ -63,12 +123,15 @@ class SampleEncoder:
             raise BadSample("over-long", f"nothing supervised is left within max_length={self.max_length}")
         return encoded
 
-    def _encode_tiled(self, conversations: list[dict], decoded: list[Image.Image]):
-        counts = [self.tiler.num_images(image.size) for image in decoded]
+    def _encode_tiled(self, conversations: list[dict], counts: list[int]) -> Encoded:
         encoded = self._encode(expand_placeholders(conversations, counts))
-        encoded = drop_partial_image(encoded, counts, self.num_image_tokens)
-        kept = _whole_images(counts, encoded.num_images)
-        return encoded, [tile for image in decoded[:kept] for tile in self.tiler(image)]
+        return drop_partial_image(encoded, counts, self.num_image_tokens)
+
+    def _compact(self, encoded: Encoded) -> tuple[list[int], list[int], tuple[int, ...]]:
+        """(ids, labels, slots): a fixed count stays expanded; a varying one becomes one token per span."""
+        if not self.visual.varies:
+            return encoded.input_ids, encoded.labels, ()
+        return compact_spans(encoded, self.template.image_token_id, self.num_image_tokens)
 
 
 def expand_placeholders(conversations: list[dict], counts: list[int]) -> list[dict]:
@@ -101,6 +164,23 @@ def drop_partial_image(encoded: Encoded, counts: list[int], tokens_per_image: in
     if all(label == IGNORE_INDEX for label in labels[1:]):
         raise BadSample("over-long", "nothing supervised is left once an image's tiles cut by max_length are dropped")
     return Encoded(encoded.input_ids[:cut], labels, encoded.num_images - partial)
+
+
+def compact_spans(encoded: Encoded, image_token_id: int, per_span: int) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """Each run of `per_span` image tokens -> one image token; returns (ids, labels, its positions). Image
+    tokens come only from image spans (templates strip `<image>` from text), which are never supervised."""
+    ids, labels, slots, at = [], [], [], 0
+    while at < len(encoded.input_ids):
+        if encoded.input_ids[at] == image_token_id:
+            slots.append(len(ids))
+            ids.append(image_token_id)
+            labels.append(IGNORE_INDEX)
+            at += per_span
+        else:
+            ids.append(encoded.input_ids[at])
+            labels.append(encoded.labels[at])
+            at += 1
+    return ids, labels, tuple(slots)
 
 
 def _whole_images(counts: list[int], spans: int) -> int:

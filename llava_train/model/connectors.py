@@ -1,7 +1,9 @@
 """Connectors map vision features into the LM's embedding space.
 
 A registry keeps them pluggable: later connectors (Matryoshka query transformer,
-nested pooling) register here and report how many tokens they emit per image.
+nested pooling) register here. Every connector answers `visual_tokens()` (how many tokens it
+emits per image at each budget, data/visual_tokens.py) and takes `forward(features,
+budget=None)`, emitting `visual_tokens().num_tokens(budget)` tokens per image.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from llava_train.data.visual_tokens import VisualTokens
 
 CONNECTORS: dict[str, type[nn.Module]] = {}
 
@@ -44,5 +48,9 @@ class MLPConnector(nn.Module):
         self.linear_2 = nn.Linear(lm_hidden, lm_hidden, bias=bias)
         self.num_output_tokens = num_features
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self) -> VisualTokens:
+        return VisualTokens.fixed(self.num_output_tokens)
+
+    def forward(self, features: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        self.visual_tokens().num_tokens(budget)  # a fixed count: any budget but None is refused, with the reason
         return self.linear_2(self.act(self.linear_1(features)))

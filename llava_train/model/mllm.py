@@ -60,13 +60,13 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> [N, tokens_per_image, lm_hidden]. A frozen tower keeps no activations."""
+    def encode_images(self, pixel_values: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, num_tokens(budget), lm_hidden]. A frozen tower keeps no activations."""
         tower_trains = any(p.requires_grad for p in self.vision.parameters())
         context = contextlib.nullcontext() if tower_trains else torch.no_grad()
         with context:
             features = self.vision(pixel_values)
-        return self.connector(features)
+        return self.connector(features, budget=budget)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Token embeddings with each image's visual tokens written over its placeholder span."""
@@ -76,17 +76,18 @@ class MultimodalLM(nn.Module):
             # Run the tower on a dummy image with zero weight, so every rank takes the same
             # path: under ZeRO-3 a rank that skipped the tower would hang its peers' gathers.
             dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, device=embeds.device)
-            visual = self.encode_images(dummy.to(self._vision_dtype()))
+            visual = self.encode_images(dummy.to(self._vision_dtype()), batch.visual_budget)
             if image_slots.any():
                 raise ValueError("batch has <image> placeholder tokens but no pixel_values")
             return embeds + 0.0 * visual.sum().to(embeds.dtype)
-        visual = self.encode_images(batch.pixel_values.to(self._vision_dtype()))
+        visual = self.encode_images(batch.pixel_values.to(self._vision_dtype()), batch.visual_budget)
         expected = visual.shape[0] * visual.shape[1]
         found = int(image_slots.sum())
         if found != expected:
             raise ValueError(
                 f"batch has {found} <image> placeholder tokens but {visual.shape[0]} images x "
-                f"{visual.shape[1]} tokens = {expected}; expand each <image> to the connector's token count"
+                f"{visual.shape[1]} tokens = {expected} at visual budget {batch.visual_budget}; expand each <image> "
+                "to the connector's visual_tokens().num_tokens(budget) (collate_rows(tokens_per_image=...))"
             )
         return embeds.masked_scatter(image_slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
@@ -103,7 +104,7 @@ class MultimodalLM(nn.Module):
     def forward_context(self, batch: Batch) -> ForwardContext:
         return ForwardContext.for_batch(
             batch,
-            self.tokens_per_image,
+            self.connector.visual_tokens().num_tokens(batch.visual_budget),
             run=self.run_state,
             training=self.training,
             adapters_disabled=self._adapters_disabled,

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_train.data import pipeline
+from llava_train.data.batch import TokenRole
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.stages import resolve_stage
 from llava_train.model.io import initialise_from, save_model_files
@@ -20,7 +21,7 @@ from llava_train.model.context import RunState
 from llava_train.model.mllm import MultimodalLM
 from llava_train.model.zero3 import leaf_module_classes, mark_zero3_leaf_modules
 from llava_train.modules.attach import attach_modules, describe, release_module_parameters
-from llava_train.objectives import BuildContext, ObjectiveOutput, build_objective
+from llava_train.objectives import BuildContext, ObjectiveOutput, build_objective, objective_class
 from llava_train.recipe import Recipe
 from llava_train.train import checkpoint as ckpt
 from llava_train.train.ds_config import build_ds_config
@@ -120,10 +121,12 @@ class Trainer:
 
     def _build_data(self) -> None:
         data, d = self.recipe.data, self.dist
-        encoder = pipeline.make_encoder(data, self.tokenizer, self.model)
+        # Grouped samples (preference pairs) are for objectives that declare they read them.
+        reads_groups = objective_class(self.recipe.stage.objective["type"]).accepts_groups
+        encoder = pipeline.make_encoder(data, self.tokenizer, self.model, accept_groups=reads_groups)
         collate_fn = pipeline.make_collate(self.tokenizer, self.model)
-        mb = self.cfg.micro_batch_size
-        self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, self.cfg.seed, d.rank, d.world_size)
+        mb, seed, accum = self.cfg.micro_batch_size, self.cfg.seed, self.cfg.grad_accum
+        self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, seed, d.rank, d.world_size, accum)
         self.eval_loader = pipeline.eval_loader(data, encoder, collate_fn, mb, d.rank, d.world_size)
         self.train_iter = None
 
@@ -228,6 +231,7 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = [next(self.train_iter) for _ in range(cfg.grad_accum)]
         data_time = time.perf_counter() - start
+        visual = _visual_metrics(micro_batches)  # refuses a step whose micro-batches disagree on the budget
         self.timer.pop()  # drop anything timed outside the step (evaluation, for one)
         local = [sum(self.objective.count(b) for b in micro_batches), sum(b.num_supervised_tokens for b in micro_batches)]
         units, supervised = (int(n) for n in _all_reduce_sum(torch.tensor(local, dtype=torch.float64)))
@@ -276,6 +280,7 @@ class Trainer:
             "padding_fraction": 1 - tokens / sum(b.input_ids.numel() for b in micro_batches),
             "nonfinite_skipped": self.nonfinite.skipped_total,
             **self.timer.pop(),
+            **visual,
             **_mean_over_ranks({f"aux/{k}": v for k, v in aux_totals.items()}),
             **_mean_over_ranks({f"objective/{k}": v for k, v in objective_metrics.items()}),
         }
@@ -385,6 +390,20 @@ class Trainer:
         self.samples_seen = manifest.get("samples_seen", 0)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+
+def _visual_metrics(micro_batches: list) -> dict[str, float]:
+    """The step's visual budget (when the connector's count varies) and this rank's image tokens. The loader plans
+    every micro-batch for the budget of the step it expects it in, so they must agree."""
+    budgets = {b.visual_budget for b in micro_batches}
+    if len(budgets) > 1:
+        raise RuntimeError(
+            f"the micro-batches of one step carry visual budgets {sorted(budgets)}: the data loader and the "
+            "trainer disagree on step boundaries (was the loader built with this run's train.grad_accum?)"
+        )
+    image_tokens = sum(int((b.token_roles == int(TokenRole.IMAGE)).sum()) for b in micro_batches)
+    budget = budgets.pop()
+    return {"visual_tokens": image_tokens, **({"visual_budget": budget} if budget is not None else {})}
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
