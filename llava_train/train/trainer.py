@@ -16,7 +16,7 @@ from llava_train.data import pipeline
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.io import load_weights, model_files_dir, save_model_files, WEIGHTS
 from llava_train.model.mllm import MultimodalLM
-from llava_train.model.zero3 import mark_zero3_leaf_modules
+from llava_train.model.zero3 import cast_unpartitioned, mark_zero3_leaf_modules
 from llava_train.objectives.lm import OBJECTIVES, ObjectiveOutput
 from llava_train.recipe import Recipe
 from llava_train.train import checkpoint as ckpt
@@ -95,7 +95,8 @@ class Trainer:
     def _build_model(self) -> None:
         recipe = self.recipe
         self.tokenizer = load_tokenizer(recipe.model.tokenizer)
-        zero3_config = build_ds_config(self.cfg, self.dist.world_size) if self.cfg.zero_stage == 3 else None
+        # The engine's own config: zero.Init must create partitions in the dtype the engine trains in.
+        zero3_config = self._ds_config() if self.cfg.zero_stage == 3 else None
         self.model = build_model(recipe.model, self.tokenizer, zero3_config, seed=self.cfg.seed)
         if recipe.stage.init_from:
             load_weights(self.model, model_files_dir(recipe.stage.init_from) / WEIGHTS)
@@ -122,7 +123,7 @@ class Trainer:
     def _build_engine(self) -> None:
         groups = param_groups(self.model.parts(), self.recipe)
         optimizer, schedule = build_optimizer(groups, self.recipe)
-        ds_config = build_ds_config(self.cfg, self.dist.world_size)
+        ds_config = self._ds_config()
         module = ObjectiveModule(self.model, OBJECTIVES[self.recipe.stage.objective](self.recipe.stage.loss))
         if self.cfg.zero_stage == 3:
             # Losses read the LM head's weight directly (chunked, supervised positions only), outside
@@ -130,10 +131,10 @@ class Trainer:
             from deepspeed.runtime.zero import register_external_parameter
 
             register_external_parameter(module, self.model.output_embeddings.weight)
-        if self._autocast:
-            ds_config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
         if self.cfg.zero_stage == 3:
             mark_zero3_leaf_modules(self.model)  # data-dependent modules (experts) are gathered whole
+            if ds_config["bf16"]["enabled"]:
+                cast_unpartitioned(module, torch.bfloat16)  # the connector joins the bf16 partitions
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
         self.optimizer = optimizer  # what DeepSpeed steps at each boundary, under every ZeRO stage
         bf16_weights = self.cfg.precision == "bf16" and not self._autocast
@@ -267,6 +268,12 @@ class Trainer:
         metrics["mfu_lm_only"] = flops_lm / step_time / peak_flops
         metrics.update(pipeline.loader_metrics(self.loader))  # data/skipped/<reason>, data/source/<name>
         return metrics
+
+    def _ds_config(self) -> dict:
+        config = build_ds_config(self.cfg, self.dist.world_size)
+        if self._autocast:
+            config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
+        return config
 
     @property
     def _autocast(self) -> bool:
