@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from llava_train.model.build import build_model, load_tokenizer
-from llava_train.recipe import ModelConfig
+from llava_train.recipe import ModelConfig, validate_recipe
+from llava_train.train.trainer import Trainer
 from tests.conftest import TINY_LM, TINY_VISION, tiny_recipe_dict
 from tests.test_distributed import launch
 
@@ -62,3 +64,20 @@ def test_zero3_from_pretrained_folders_matches_one_process(demo_data, pretrained
     assert sorted(got) == [1, 2]
     for step, loss in reference.items():
         assert got[step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.parametrize("deepspeed_bf16", [False, True], ids=["cpu-autocast", "deepspeed-bf16"])
+def test_bf16_zero3_partitions_and_connector_share_one_dtype(demo_data, pretrained, tmp_path, monkeypatch,
+                                                             deepspeed_bf16):
+    """train.precision=bf16 under ZeRO-3 with pretrained parts: ZeRO-3 flattens every trainable partition
+    into one buffer, so the loaded parts and the connector must reach the engine in one dtype. On the CPU,
+    bf16 runs under autocast over fp32 weights; `deepspeed-bf16` runs DeepSpeed's bf16 mode, as on a GPU."""
+    if deepspeed_bf16:
+        monkeypatch.setattr(Trainer, "_autocast", property(lambda self: False))
+    recipe = tiny_recipe_dict(demo_data, tmp_path / "out", max_steps=1, zero_stage=3, precision="bf16")
+    recipe["model"]["vision"] = {"path": pretrained["vision"]}
+    recipe["model"]["lm"] = {"path": pretrained["lm"]}
+    recipe["data"]["eval"] = []
+    trainer = Trainer(validate_recipe(recipe))
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16 if deepspeed_bf16 else torch.float32}
+    assert math.isfinite(trainer.train(save_final=False).last_loss)

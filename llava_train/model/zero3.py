@@ -1,4 +1,6 @@
-"""ZeRO-3 leaf modules: for modules whose forward depends on the data (sparse experts, routers).
+"""ZeRO-3 helpers: loading into partitions, one dtype for every partition, and leaf modules.
+
+Leaf modules are for modules whose forward depends on the data (sparse experts, routers).
 
 ZeRO-3 fetches a module's parameters when that module runs and prefetches by a recorded
 trace. A mixture of experts that runs only the routed experts breaks both: ranks run
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 LEAF_ATTRIBUTE = "zero3_leaf"
@@ -55,3 +58,16 @@ def partitioned_loading(ds_config: dict | None):
         yield
     finally:
         del owner
+
+
+def cast_unpartitioned(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters that zero.Init did not create to `dtype`.
+
+    DeepSpeed casts a model to its bf16 dtype only when no parameter is partitioned yet: once
+    pretrained parts were loaded into bf16 partitions, it leaves the rest as built (the
+    connector, parts built from a config dict: fp32), and ZeRO-3 cannot flatten partitions
+    of mixed dtypes into one buffer.
+    """
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -42,6 +42,7 @@ def setup_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        _skip_shared_memory_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistInfo(
@@ -50,6 +51,22 @@ def setup_distributed() -> DistInfo:
         world_size=torch.distributed.get_world_size(),
         device=device,
     )
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory collectives op.
+
+    DeepSpeed builds that C++ op (ninja, two compiler processes, tens of seconds to minutes,
+    silently) the first time its communication backend starts on a machine, whether a run
+    needs it or not. Only DeepSpeed's inference all-reduce uses it; our collectives go through
+    torch.distributed (gloo on the CPU), so we mark the op incompatible and DeepSpeed skips it.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _free_port() -> int:

@@ -19,7 +19,7 @@ from llava_train.model.stages import resolve_stage
 from llava_train.model.io import initialise_from, save_model_files
 from llava_train.model.context import RunState
 from llava_train.model.mllm import MultimodalLM
-from llava_train.model.zero3 import leaf_module_classes, mark_zero3_leaf_modules
+from llava_train.model.zero3 import cast_unpartitioned, leaf_module_classes, mark_zero3_leaf_modules
 from llava_train.modules.attach import attach_modules, describe, release_module_parameters
 from llava_train.objectives import BuildContext, ObjectiveOutput, build_objective, objective_class
 from llava_train.recipe import Recipe
@@ -99,7 +99,8 @@ class Trainer:
     def _build_model(self) -> None:
         recipe = self.recipe
         self.tokenizer = load_tokenizer(recipe.model.tokenizer)
-        zero3_config = build_ds_config(self.cfg, self.dist.world_size) if self.cfg.zero_stage == 3 else None
+        # The engine's own config: zero.Init must create partitions in the dtype the engine trains in.
+        zero3_config = self._ds_config() if self.cfg.zero_stage == 3 else None
         self.model = build_model(recipe.model, self.tokenizer, zero3_config, seed=self.cfg.seed)
         if recipe.stage.init_from:
             lora = recipe.stage.lora if resolve_stage(recipe.stage).lora else None
@@ -133,7 +134,7 @@ class Trainer:
     def _build_engine(self) -> None:
         groups = param_groups(self.model, self.recipe)
         optimizer, schedule = build_optimizer(groups, self.recipe)
-        ds_config = build_ds_config(self.cfg, self.dist.world_size)
+        ds_config = self._ds_config()
         zero3_config = ds_config if self.cfg.zero_stage == 3 else None
         build = BuildContext(self.recipe, self.tokenizer, self.model, zero3_config)
         self.objective = build_objective(self.recipe.stage.objective, build)
@@ -145,13 +146,13 @@ class Trainer:
 
             for param in self.objective.external_parameters(self.model):
                 register_external_parameter(module, param)
-        if self._autocast:
-            ds_config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
         if self.cfg.zero_stage == 3:
             # Data-dependent modules (experts) are gathered whole: the opted-in classes and the leaf
             # classes that attached modules declare.
             declared = [leaf for m in self.model.attachments for leaf in m.zero3_leaf_classes]
             mark_zero3_leaf_modules(module, list(dict.fromkeys(leaf_module_classes(module) + declared)))
+            if ds_config["bf16"]["enabled"]:
+                cast_unpartitioned(module, torch.bfloat16)  # the connector (and modules) join the bf16 partitions
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
         self.optimizer = optimizer  # what DeepSpeed steps at each boundary, under every ZeRO stage
         bf16_weights = self.cfg.precision == "bf16" and not self._autocast
@@ -290,6 +291,12 @@ class Trainer:
         metrics["mfu_lm_only"] = flops_lm / step_time / peak_flops
         metrics.update(pipeline.loader_metrics(self.loader))  # data/skipped/<reason>, data/source/<name>
         return metrics
+
+    def _ds_config(self) -> dict:
+        config = build_ds_config(self.cfg, self.dist.world_size)
+        if self._autocast:
+            config["bf16"] = {"enabled": False}  # CPU bf16 runs under autocast instead, see _autocast
+        return config
 
     @property
     def _autocast(self) -> bool:

@@ -1,0 +1,40 @@
+"""`torchrun tests/recipe_run_probe.py RESULT_DIR RECIPE [key=value ...]`: train a recipe as
+`llava-train train` does, then write what this rank saw to RESULT_DIR/rank<N>.json
+(tests/test_shipped_recipes.py reads one file per rank, never the shared stdout)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from llava_train.recipe import load_recipe
+from llava_train.train.trainer import Trainer
+
+
+def main(result_dir: str, recipe_path: str, *overrides: str) -> None:
+    trainer = Trainer(load_recipe(recipe_path, list(overrides)))
+    result = trainer.train()
+    cfg, dist = trainer.cfg, trainer.dist
+    lm_params = trainer.model.lm.named_parameters()  # ZeRO-3 partitions report their full size as ds_numel
+    rows = result.step * cfg.grad_accum * cfg.micro_batch_size * dist.world_size
+    report = {
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+        "step": result.step,
+        "loss": result.last_loss if math.isfinite(result.last_loss) else None,
+        "checkpoint": str(result.checkpoint),
+        "zero_stage": trainer.engine.zero_optimization_stage(),
+        "bf16": trainer.engine.bfloat16_enabled() or trainer._autocast,  # DeepSpeed's bf16 mode, or CPU autocast
+        "samples_per_row": trainer.samples_seen / rows,  # over 1 only when rows are packed
+        "lora_parameters": sum(getattr(p, "ds_numel", p.numel()) for n, p in lm_params if "lora_" in n),
+    }
+    Path(result_dir, f"rank{trainer.dist.rank}.json").write_text(json.dumps(report))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
