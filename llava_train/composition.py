@@ -121,6 +121,11 @@ def support_matrix() -> str:
         for a, b in pairs:
             reason = conflict(a, b)
             lines.append(f"| `{a.name}` | `{b.name}` | {'refused: ' + reason if reason else 'allowed'} |")
+    lines += [
+        "",
+        "Shared code, not techniques: `modules/attach.py` (attach order, parameter release), `modules/routing.py`",
+        "(the fp32 router, balance and z-losses of moe_lora and moe_upcycle).",
+    ]
     return "\n".join(lines) + "\n"
 
 

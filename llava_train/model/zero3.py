@@ -71,3 +71,16 @@ def cast_unpartitioned(model: nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter]):
+    """Read full values of possibly ZeRO-3-partitioned parameters (a no-op for plain ones)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

@@ -28,6 +28,8 @@ def release_module_parameters(model) -> None:
     for module in model.attachments:
         for param in module.own_parameters.values():
             param.requires_grad_(module.options.trainable)
+        for param in module.frozen_parameters:
+            param.requires_grad_(False)
 
 
 def merge_module(model, module: TechniqueModule) -> None:

@@ -46,6 +46,7 @@ class TechniqueModule(ABC):
     def __init__(self, options: ModuleOptions):
         self.options = options
         self.own_parameters: dict[str, nn.Parameter] = {}  # set by `attach_to`
+        self.frozen_parameters: list[nn.Parameter] = []  # what the module keeps frozen whatever the stage says
 
     def attach_to(self, model: "MultimodalLM") -> None:
         self.own_parameters = self.attach(model)

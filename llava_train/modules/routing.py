@@ -23,7 +23,7 @@ class RouterOptions(BaseModel):
     experts: int = Field(4, ge=1)  # E
     top_k: int = Field(1, ge=1)
     gate: Literal["prob", "none"] = "prob"  # weight experts by router probability (Switch) or not (LLaVA-MoLE)
-    renormalise: bool = True  # the chosen probabilities sum to 1 (top-k >= 2)
+    renormalise: bool = False  # the chosen probabilities sum to 1 (at k = 1 the gate is then 1: no LM-loss gradient)
     balance_coef: float = Field(0.01, ge=0)  # Switch/GShard load-balancing loss weight
     balance_tokens: Literal["all", "text"] = "all"  # tokens the balance loss counts (padding never)
     balance_reduce: Literal["mean", "sum"] = "mean"  # over routers: mean, or sum as MoE-LLaVA
@@ -43,7 +43,7 @@ def route(logits: torch.Tensor, top_k: int, gate: str, renormalise: bool):
     top_p, top_i = probs.topk(top_k, dim=-1)
     if gate == "none":
         return probs, top_i, torch.ones_like(top_p)
-    if top_k > 1 and renormalise:
+    if renormalise:
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     return probs, top_i, top_p
 

@@ -256,7 +256,7 @@ class Trainer:
                 self.engine.step()
             loss_sum += out.loss_sum.detach().float().cpu()
             for name, value in out.aux_losses.items():
-                aux_totals[name] = aux_totals.get(name, 0.0) + float(value) / cfg.grad_accum
+                aux_totals[name] = aux_totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             for name, value in out.metrics.items():  # objective/module metrics, averaged over micro-batches
                 objective_metrics[name] = objective_metrics.get(name, 0.0) + float(value) / cfg.grad_accum
         step_time = time.perf_counter() - start
