@@ -77,8 +77,10 @@ def write_recipe(recipe: dict, workdir: Path) -> Path:
     return path
 
 
-def torchrun_cmd(recipe_file: Path, *args: str, nproc: int = 2, script: Path | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def torchrun_cmd(recipe_file: Path, *args: str, nproc: int = 2, script: Path | None = None,
+                 rendezvous: tuple[str, ...] = ("--standalone",)) -> list[str]:
+    """torchrun on this machine alone, or with `rendezvous` options as one node of several."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}",
            # forward SIGUSR1 to the ranks as launch/slurm/train.sbatch does; give them time to checkpoint
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
     cmd += [str(script)] if script is not None else ["-m", "llava_train"]
@@ -97,11 +99,14 @@ def run_job(cmd: list[str], workdir: Path, timeout: float = 300, **env: str) -> 
 class Job:
     """A torchrun job in the background, with its rank processes found for signalling."""
 
-    def __init__(self, cmd: list[str], workdir: Path, **env: str):
+    def __init__(self, cmd: list[str], workdir: Path, log_name: str = "job.log", new_session: bool = False,
+                 **env: str):
         self.workdir = workdir
-        self.log_path = workdir / "job.log"
+        self.log_path = workdir / log_name
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=job_env(**env), stdout=self._log, stderr=subprocess.STDOUT)
+        # new_session: torchrun leads its own process group, like the launcher of one node
+        self.proc = subprocess.Popen(cmd, env=job_env(**env), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=new_session)
 
     def ranks(self) -> dict[int, int]:
         """{rank: pid} of the worker processes (torchrun starts each in its own session)."""
@@ -163,7 +168,7 @@ def last_logged_step(output_dir: Path) -> int:
 # ----------------------------------------------------------------------------- shared reference run
 
 REFERENCE_STEPS = 30
-_reference: dict[str, dict[int, float]] = {}
+_reference: dict[tuple, dict[int, float]] = {}
 
 
 def fault_recipe(demo_data: Path, output_dir: Path, **train) -> dict:
@@ -177,14 +182,16 @@ def fault_recipe(demo_data: Path, output_dir: Path, **train) -> dict:
     return r
 
 
-def reference_losses(demo_data: Path, workdir: Path) -> dict[int, float]:
-    """Losses of an uninterrupted 2-rank run of REFERENCE_STEPS steps (run once per session)."""
-    if "losses" not in _reference:
-        r = fault_recipe(demo_data, workdir / "out", max_steps=REFERENCE_STEPS)
+def reference_losses(demo_data: Path, workdir: Path, **train) -> dict[int, float]:
+    """Losses of an uninterrupted 2-rank run of REFERENCE_STEPS steps with these `train`
+    settings (each set run once per session)."""
+    key = tuple(sorted(train.items()))
+    if key not in _reference:
+        r = fault_recipe(demo_data, workdir / "out", max_steps=REFERENCE_STEPS, **train)
         proc = run_job(torchrun_cmd(write_recipe(r, workdir)), workdir)
         assert proc.returncode == 0, (workdir / "job.log").read_text()[-4000:]
-        _reference["losses"] = losses(workdir / "out")
-    return _reference["losses"]
+        _reference[key] = losses(workdir / "out")
+    return _reference[key]
 
 
 def resume_and_compare(demo_data: Path, workdir: Path, output_dir: Path, start: int, reference: dict[int, float]):

@@ -28,9 +28,17 @@ fi
 if [[ -n ${FAKE_REPORT:-} ]]; then echo "$FAKE_REPORT" > "$LLAVA_TRAIN_EXIT_FILE"; fi
 exit "${FAKE_SRUN_RC:-0}"
 """
+# scontrol: two hostnames; the job's record from $FAKE_JOB (a running job by default; after
+# FAKE_REQUEUED_MEANWHILE=1 a refused requeue finds the restart count up); requeues are logged.
 FAKE_SCONTROL = """#!/usr/bin/env bash
 if [[ $1 == show && $2 == hostnames ]]; then printf 'node-a\\nnode-b\\n'; exit 0; fi
+if [[ $1 == show && $2 == job ]]; then
+    if [[ -e $FAKE_DIR/requeue.refused ]]; then echo "JobId=4242 JobState=COMPLETING Reason=None Restarts=1"
+    else echo "JobId=4242 ${FAKE_JOB:-JobState=RUNNING Reason=None Restarts=0}"; fi
+    exit 0
+fi
 echo "$*" >> "$FAKE_DIR/scontrol.log"
+if [[ -n ${FAKE_REQUEUED_MEANWHILE:-} ]]; then touch "$FAKE_DIR/requeue.refused"; exit 1; fi
 """
 FAKE_SCANCEL = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_DIR/scancel.log"
@@ -114,6 +122,34 @@ def test_requeues_on_preemption_only(slurm, srun_rc, report, expected_exit, requ
     proc = submit(slurm, "recipe.yaml", **env)
     assert proc.returncode == expected_exit, proc.stdout + proc.stderr
     assert requeues(workdir) == (["requeue 4242"] if requeued else [])
+
+
+@pytest.mark.parametrize(
+    "job, expected_exit, requeued, says",
+    [
+        # scancel: SLURM is ending the job and will not bring it back; neither may we
+        ("JobState=COMPLETING Reason=None Restarts=0", EXIT_PREEMPTED, False, "was cancelled"),
+        # the time limit ended it (the warning came too late or not at all): requeue
+        ("JobState=COMPLETING Reason=TimeLimit Restarts=0", 0, True, "requeueing job 4242"),
+        # `scontrol requeue` or a preemption with PreemptMode=REQUEUE: SLURM requeues it itself
+        ("JobState=COMPLETING Reason=None Restarts=1", 0, False, "SLURM requeues job 4242 itself"),
+    ],
+)
+def test_after_sigterm_the_job_record_says_whether_to_requeue(slurm, job, expected_exit, requeued, says):
+    workdir, _ = slurm
+    proc = submit(slurm, "recipe.yaml", FAKE_SRUN_RC="1", FAKE_REPORT=str(EXIT_PREEMPTED), FAKE_JOB=job)
+    assert proc.returncode == expected_exit, proc.stdout + proc.stderr
+    assert requeues(workdir) == (["requeue 4242"] if requeued else [])
+    assert says in proc.stdout + proc.stderr
+
+
+def test_a_requeue_refused_because_slurm_requeued_the_job_meanwhile_is_no_error(slurm):
+    # A preemption with GraceTime signals the tasks while the job still runs, then requeues it.
+    workdir, _ = slurm
+    proc = submit(slurm, "recipe.yaml", FAKE_SRUN_RC="1", FAKE_REPORT=str(EXIT_PREEMPTED),
+                  FAKE_REQUEUED_MEANWHILE="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SLURM requeues job 4242 itself" in proc.stdout and "failed" not in proc.stderr
 
 
 def test_a_stale_report_from_the_previous_start_is_ignored(slurm):
