@@ -44,6 +44,7 @@ class MoELoRAOptions(ModuleOptions, RouterOptions):
     router: Literal["block", "projection"] = "block"  # one per decoder block (shared) or one per projection
     block_scope: str = "mlp"  # the submodule of a decoder layer whose input the block router reads
     dropout: float = Field(0.0, ge=0, lt=1)
+    dispatch: Literal["sparse", "dense"] = "dense"  # every expert masked (two matmuls), or routed pairs only
 
 
 
@@ -64,11 +65,14 @@ def expert_deltas_sparse(x, a, b, chosen, weights, scale):
 
 
 def expert_deltas_dense(x, a, b, chosen, weights, scale):
-    """The reference: every expert on every token, masked by the routing weights."""
-    mask = torch.zeros(x.shape[0], a.shape[0], dtype=weights.dtype, device=x.device)
-    mask.scatter_add_(1, chosen, weights)
-    h = torch.einsum("nd,erd->ner", x, a)
-    return torch.einsum("ner,eor,ne->no", h, b, mask.to(h.dtype)) * scale
+    """Every expert on every token as two plain matmuls of rank E*r, the unchosen experts' columns masked to
+    zero: exactly the sparse result, at the cost of one LoRA of rank E*r (small next to the base weight)."""
+    experts, rank = a.shape[0], a.shape[1]
+    mask = torch.zeros(x.shape[0], experts, dtype=weights.dtype, device=x.device)
+    mask.scatter_add_(1, chosen, weights)  # [N, E] routing weight of each expert (0 where not chosen)
+    h = F.linear(x, a.reshape(experts * rank, -1))  # [N, E*r]
+    h = h * (scale * mask).repeat_interleave(rank, dim=1).to(h.dtype)
+    return F.linear(h, b.permute(1, 0, 2).reshape(b.shape[1], experts * rank))  # [N, d_out]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -105,7 +109,8 @@ class MoELoRALinear(nn.Module):
         self.scale = options.alpha / r
         self.router = router  # per-projection routing; None: read the block's routing from the context
         self.block_key = block_key
-        self.dropout = nn.Dropout(options.dropout)
+        self.dropout = nn.Dropout(options.dropout) if options.dropout else nn.Identity()  # p=0 would still copy x
+        self.dispatch = options.dispatch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -114,7 +119,8 @@ class MoELoRALinear(nn.Module):
             return out
         chosen, weights = self.router(x)[1:] if self.router is not None else ctx.scratch[self.block_key]
         flat = self.dropout(x).reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
-        delta = expert_deltas_sparse(flat, self.lora_A, self.lora_B, chosen, weights, self.scale)
+        deltas = expert_deltas_dense if self.dispatch == "dense" else expert_deltas_sparse
+        delta = deltas(flat, self.lora_A, self.lora_B, chosen, weights, self.scale)
         return out + delta.reshape(out.shape).to(out.dtype)
 
     def merged_weight(self) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""Step time and peak memory of MoE-LoRA against plain LoRA, side by side in one run.
+
+    python tests/bench/bench_moe.py [--steps 10] [--experts 3] [--rank 8] [--batch 8] [--seq 320]
+
+Each variant trains the demo-shaped LM (recipes/demo/base.yaml: 4 layers x 256 wide, random weights) on the
+same random token batches with AdamW, LM frozen, adapters on the MLP projections, in its own subprocess (so peak
+RSS is its own; step memory = peak RSS minus RSS after setup): `lora` (peft, r), `moe_lora_dense` (E experts of rank r, top-1, block router; every expert on
+every token as two rank-E*r matmuls, masked: the default) and `moe_lora_sparse` (only the routed pairs, gathered
+per expert). Prints the median step time, step memory and ratios to lora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = ("lora", "moe_lora_dense", "moe_lora_sparse")
+
+
+def run_variant(args) -> dict:
+    import torch
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llava_train.data.batch import TokenRole
+    from llava_train.model import context
+    from llava_train.model.lora import add_lora
+    from llava_train.modules import build_module
+    from llava_train.recipe import LoraConfig
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    lm_cfg = dict(yaml.safe_load((REPO / "recipes/demo/base.yaml").read_text())["model"]["lm"]["config"])
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg))
+    lm.requires_grad_(False)
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    if args.variant == "lora":
+        lm = add_lora(lm, LoraConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, target_modules=targets))
+    else:
+        holder = type("Holder", (), {"lm": lm, "attachments": []})()  # just enough of MultimodalLM for attach
+        module = build_module({"type": "moe_lora", "experts": args.experts, "rank": args.rank, "alpha": 2 * args.rank,
+                               "dispatch": args.variant.rsplit("_", 1)[-1]})
+        module.attach_to(holder)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    shape = (args.batch, args.seq)
+    ids = torch.randint(0, lm.config.vocab_size, shape)
+    roles = torch.full(shape, int(TokenRole.TEXT), dtype=torch.int8)
+    ctx = context.ForwardContext(roles, torch.zeros(shape, dtype=torch.long), torch.arange(args.seq).expand(shape),
+                                 torch.zeros(0, dtype=torch.long), 1, False)
+    import psutil
+
+    gc_before = psutil.Process().memory_info().rss  # imports and weights: not what the step costs
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with context.activate(ctx):
+            out = lm(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "variant": args.variant,
+        "step_ms": 1000 * statistics.median(times),
+        "step_mem_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - gc_before) / 2**30,
+        "trainable_params": sum(p.numel() for p in params),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=320)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in a subprocess
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    rows = []
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"{'variant':<16}{'trainable':>12}{'step ms':>10}{'x lora':>8}{'step mem GB':>13}{'x lora':>8}")
+    for row in rows:
+        print(f"{row['variant']:<16}{row['trainable_params']:>12,}{row['step_ms']:>10.1f}"
+              f"{row['step_ms'] / base['step_ms']:>8.2f}{row['step_mem_gb']:>13.3f}"
+              f"{row['step_mem_gb'] / base['step_mem_gb']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
