@@ -31,6 +31,9 @@ class BatchStream(IterableDataset):
     def __init__(self, source: ShardStream, cfg: BatchingConfig):
         self.source, self.cfg = source, cfg
         self.taken: Counter = Counter()  # samples handed out per data source
+        # Skips counted when the resumed state was saved: the source restarts at its window's start
+        # and counts that window's skips again while replaying it, so until then it reports fewer.
+        self._skipped_at_resume: Counter = Counter()
         # Where a resume would start: (stream state at a window start, window index, micro-batches of it done).
         self._resume_at: tuple[dict, int, int] | None = None
         self._pending: dict | None = None
@@ -46,12 +49,13 @@ class BatchStream(IterableDataset):
 
     @property
     def skipped(self) -> Counter:
-        return self.source.skipped
+        return self.source.skipped | self._skipped_at_resume  # per reason, the larger
 
     def __iter__(self) -> Iterator[MicroBatch]:
         state, self._pending = self._pending, None
         index, skip = (state["window"], state["emitted"]) if state else (0, 0)
         self.taken = Counter(state["counters"]["sources"]) if state else Counter()
+        self._skipped_at_resume = Counter(state["counters"]["skipped"]) if state else Counter()
         samples = iter(self.source)  # applies the stream state that load_state_dict handed on
         self._resume_at = (self.source.state_dict(), index, skip)
         return self._batches(samples, index, skip)
@@ -86,7 +90,7 @@ class BatchStream(IterableDataset):
             "source": copy.deepcopy(source),
             "window": index,
             "emitted": emitted,
-            "counters": {"skipped": dict(self.source.skipped), "sources": dict(self.taken)},
+            "counters": {"skipped": dict(self.skipped), "sources": dict(self.taken)},
         }
 
     def load_state_dict(self, state: dict) -> None:
