@@ -10,7 +10,9 @@ matmuls and attention only):
   4 per frozen base weight plus 6 per adapter weight; a frozen tower (run under no_grad) 2N.
 - Attention scores and the weighted sum cost 4*T*d per token per layer forward, over the
   full T x T square (what the FLOP counter counts for SDPA, causal mask or not: PaLM's
-  convention), twice that again backward when a gradient flows through.
+  convention), twice that again backward when a gradient flows through. (The counter
+  charges SDPA's fused GPU backward 2.5x its forward, as it recomputes the scores; like
+  checkpointing, that recompute is not a model FLOP.)
 - Each part counts only what it runs: the tower its layers up to `feature_layer`, over its
   patches plus the CLS token if it has one; the connector the features it receives; the LM
   head only the supervised positions (the chunked loss never computes the others).
