@@ -78,13 +78,22 @@ def write_recipe(recipe: dict, workdir: Path) -> Path:
 
 
 def torchrun_cmd(recipe_file: Path, *args: str, nproc: int = 2, script: Path | None = None,
-                 rendezvous: tuple[str, ...] = ("--standalone",)) -> list[str]:
+                 rendezvous: tuple[str, ...] = ("--standalone",), rank_logs: Path | None = None) -> list[str]:
     """torchrun on this machine alone, or with `rendezvous` options as one node of several."""
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}",
            # forward SIGUSR1 to the ranks as launch/slurm/train.sbatch does; give them time to checkpoint
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
+    if rank_logs is not None:  # each rank's stdout/stderr also to a file of its own (see rank_stderr)
+        cmd += [f"--log-dir={rank_logs}", "--tee=3"]
     cmd += [str(script)] if script is not None else ["-m", "llava_train"]
     return cmd + ["train", str(recipe_file), *args]
+
+
+def rank_stderr(rank_logs: Path, rank: int) -> str:
+    """What one rank wrote to stderr (its log lines), uninterleaved with the other ranks' output."""
+    files = sorted(rank_logs.glob(f"*/attempt_0/{rank}/stderr.log"))  # torchrun: <run id>/attempt_<n>/<rank>/
+    assert len(files) == 1, f"expected one stderr.log for rank {rank} under {rank_logs}, found {files}"
+    return files[0].read_text()
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -200,10 +209,11 @@ def resume_and_compare(demo_data: Path, workdir: Path, output_dir: Path, start: 
     assert start + 2 <= REFERENCE_STEPS, f"stopped at step {start}, past the reference run's {REFERENCE_STEPS}"
     workdir.mkdir(parents=True, exist_ok=True)
     r = fault_recipe(demo_data, output_dir, max_steps=start + 2)
-    proc = run_job(torchrun_cmd(write_recipe(r, workdir), "--resume", "auto"), workdir)
-    log = (workdir / "job.log").read_text()
-    assert proc.returncode == 0, log[-4000:]
-    assert f"resumed from {output_dir / 'checkpoints' / f'step-{start}'} at step {start}" in log
+    rank_logs = workdir / "ranks"
+    proc = run_job(torchrun_cmd(write_recipe(r, workdir), "--resume", "auto", rank_logs=rank_logs), workdir)
+    assert proc.returncode == 0, (workdir / "job.log").read_text()[-4000:]
+    resumed = f"resumed from {output_dir / 'checkpoints' / f'step-{start}'} at step {start}"
+    assert resumed in rank_stderr(rank_logs, 0)  # rank 0 logs it; read from its own file, not the shared job.log
     got = losses(output_dir)
     for step in (start + 1, start + 2):
         assert got[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -11,7 +11,7 @@ from data_tools.shard_writer import write_shards
 from llava_train.data.batch import Example
 from llava_train.data.batch_stream import BatchStream, loader_counters
 from llava_train.data.batching import BatchingConfig, pack_rows, plan, row_length
-from llava_train.data.shards import ShardStream, build_loader
+from llava_train.data.shards import BadSample, ShardStream, build_loader
 
 IMAGE = torch.zeros(3, 2, 2)
 
@@ -177,6 +177,31 @@ def test_a_changed_batching_setup_is_refused_on_resume(shards):
     two_ranks = BatchStream(ShardStream(shards, encode, rank=0, world_size=2), MODES["packed"])
     with pytest.raises(ValueError, match="world_size=2, but this run has world_size=1"):
         BatchStream(ShardStream(shards, encode), MODES["packed"]).load_state_dict(two_ranks.state_dict())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_counts_are_exact_after_a_resume(shards, num_workers):
+    def encode_or_skip(raw: dict) -> Example:
+        if raw["json"]["id"].endswith("3"):  # one sample in ten
+            raise BadSample("over-long", raw["json"]["id"])
+        return encode(raw)
+
+    def make():
+        stream = BatchStream(ShardStream(shards, encode_or_skip, seed=5), MODES["grouped"])
+        return build_loader(stream, None, lambda batch: keys([batch])[0], num_workers=num_workers)
+
+    first = make()
+    iterator = iter(first)
+    for _ in range(6):
+        next(iterator)
+    state = first.state_dict()
+    next(iterator)
+    counted = loader_counters(first)["skipped"]
+    assert set(counted) == {"over-long"} and counted["over-long"] >= 2
+    resumed = make()
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    assert loader_counters(resumed)["skipped"] == counted
 
 
 def test_counters_are_exact_after_a_resume(shards):

@@ -19,4 +19,5 @@ def test_bench_reports_a_consistent_split(demo_data, tmp_path):
     assert sum(report["split_s"].values()) <= report["step_time_s"] * 1.5  # medians of parts vs median of sums
     assert 0 <= report["padding_fraction"] < 1
     assert report["supervised_tokens_per_s"] < report["tokens_per_s"]
+    assert 0 < report["mfu_lm_only"] < report["mfu"]  # the trainable tower's FLOPs count only in `mfu`
     assert not (tmp_path / "unused").exists()  # bench writes no checkpoint into the recipe's output dir

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from llava_train.objectives import OBJECTIVES
-from llava_train.recipe import validate_recipe
+from llava_train.recipe import Recipe, validate_recipe
 from llava_train.train import checkpoint as ckpt
 from llava_train.train import trainer as trainer_module
 from llava_train.train.engine import cosine_with_warmup
 from llava_train.train.faults import NonFiniteLossError
+from llava_train.train.resume_check import _MUST_MATCH
 from llava_train.train.trainer import Trainer
 from tests import faultlib
 from tests.conftest import tiny_recipe_dict
@@ -162,6 +164,16 @@ def test_checkpoint_from_another_recipe_is_refused(demo_data, saved_run, engine_
     assert "stage.name is 'sft' there, 'pretrain' here" in message
     assert "stage.init_from=" in message and "recipe.yaml" in message
     assert not engine_spy
+
+
+def test_every_field_a_resume_must_match_is_a_recipe_field():
+    """A dotted path that no schema has would never be compared, so it would guard nothing."""
+    for dotted in _MUST_MATCH:
+        section = Recipe
+        for key in dotted.split("."):
+            assert section is not None and key in section.model_fields, f"{dotted}: no `{key}` in the recipe schema"
+            annotation = section.model_fields[key].annotation
+            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def test_checkpoint_that_does_not_fit_the_model_is_refused(demo_data, tmp_path, engine_spy):

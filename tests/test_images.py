@@ -67,6 +67,9 @@ def test_from_vision_config_picks_size_and_statistics(tmp_path):
     assert local.mean == (0.1,) * 3 and local.std == (0.2,) * 3
     with pytest.raises(ValueError, match="image_mode"):
         ImageProcessor(32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, mode="stretch")
+    # The fix it names is a key the recipe has (there is no model.vision.image_size).
+    with pytest.raises(ValueError, match=r"no `image_size`; set it in model\.vision\.config"):
+        ImageProcessor.from_vision_config({"model_type": "clip_vision_model"})
 
 
 def test_decode_image_reports_undecodable_bytes():

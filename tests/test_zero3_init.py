@@ -34,15 +34,15 @@ def pretrained(demo_data, tmp_path_factory) -> dict:
     return {"vision": str(root / "vision"), "lm": str(root / "lm")}
 
 
-def test_two_ranks_each_hold_half_of_the_pretrained_weights(demo_data, pretrained):
+def test_two_ranks_each_hold_half_of_the_pretrained_weights(demo_data, pretrained, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += [str(REPO / "tests" / "zero3_build_probe.py"), pretrained["vision"], pretrained["lm"]]
-    cmd += [str(demo_data / "tokenizer")]
+    cmd += [str(demo_data / "tokenizer"), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    reports = [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
-    assert len(reports) == 2
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]  # one file per rank
+    assert [report["rank"] for report in reports] == [0, 1]
     for report in reports:
         for part in ("vision", "lm"):
             assert report[part]["all_partitioned"], (report["rank"], part)

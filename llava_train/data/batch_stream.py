@@ -52,6 +52,9 @@ class BatchStream(IterableDataset):
     def __init__(self, source: ShardStream, cfg: BatchingConfig, budgets: VisualBudgets | None = None):
         self.source, self.cfg, self.budgets = source, cfg, budgets
         self.taken: Counter = Counter()  # samples handed out per data source
+        # Skips counted when the resumed state was saved: the source restarts at its window's start
+        # and counts that window's skips again while replaying it, so until then it reports fewer.
+        self._skipped_at_resume: Counter = Counter()
         # Where a resume would start: (stream state at a window start, window index, micro-batches of it done,
         # micro-batches this reader handed out before the window).
         self._resume_at: tuple[dict, int, int, int] | None = None
@@ -68,13 +71,14 @@ class BatchStream(IterableDataset):
 
     @property
     def skipped(self) -> Counter:
-        return self.source.skipped
+        return self.source.skipped | self._skipped_at_resume  # per reason, the larger
 
     def __iter__(self) -> Iterator[PlannedBatch]:
         state, self._pending = self._pending, None
         index, skip = (state["window"], state["emitted"]) if state else (0, 0)
         served = state.get("served", 0) if state else 0
         self.taken = Counter(state["counters"]["sources"]) if state else Counter()
+        self._skipped_at_resume = Counter(state["counters"]["skipped"]) if state else Counter()
         samples = iter(self.source)  # applies the stream state that load_state_dict handed on
         self._resume_at = (self.source.state_dict(), index, skip, served)
         return self._batches(samples, index, skip, served)
@@ -124,7 +128,7 @@ class BatchStream(IterableDataset):
             "window": index,
             "emitted": emitted,
             "served": served,
-            "counters": {"skipped": dict(self.source.skipped), "sources": dict(self.taken)},
+            "counters": {"skipped": dict(self.skipped), "sources": dict(self.taken)},
         }
 
     def _budget_setup(self) -> dict:

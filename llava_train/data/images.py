@@ -86,7 +86,10 @@ class ImageProcessor:
         there is one, else the defaults of the tower's family (SigLIP 0.5, otherwise CLIP)."""
         size = _config_value(vision_hf_config, "image_size")
         if size is None:
-            raise ValueError("the vision config has no `image_size`; set model.vision.image_size or fix the config")
+            raise ValueError(
+                "the vision config has no `image_size`; set it in model.vision.config (or in the tower folder's "
+                "config.json)"
+            )
         model_type = str(_config_value(vision_hf_config, "model_type") or "")
         mean, std = (SIGLIP_MEAN, SIGLIP_STD) if "siglip" in model_type else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         if local_path is not None:

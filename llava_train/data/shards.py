@@ -54,7 +54,7 @@ from llava_train.data.errors import BadSample
 from llava_train.data.health import SkipLog
 from llava_train.data.mixture import Source, SourceChooser, as_sources, rng
 
-__all__ = ["BadSample", "ShardStream", "Source", "build_loader", "expand_urls", "shard_sizes", "skipped_counts"]
+__all__ = ["BadSample", "ShardStream", "Source", "build_loader", "expand_urls", "shard_sizes"]
 
 INDEX_FILE = "index.json"
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips these members (its tar_file_iterator's skip_meta)
@@ -454,25 +454,3 @@ class _Loader(StatefulDataLoader):
                 f"data.num_workers={self.num_workers}; resume with data.num_workers={saved}"
             )
         super().load_state_dict(state_dict)
-
-
-def skipped_counts(loader: StatefulDataLoader) -> Counter:
-    """Skip counters summed over workers. With workers, `loader.dataset.skipped` (the main
-    process's copy) stays empty; the workers' counts travel in the loader state."""
-    if loader.num_workers == 0:
-        return Counter(loader.dataset.skipped)
-    total: Counter = Counter()
-    _collect_skips(loader.state_dict(), total)
-    return total
-
-
-def _collect_skips(node, total: Counter) -> None:
-    if isinstance(node, dict):
-        if "counters" in node:  # a BatchStream's live counts (its nested stream state may be a window behind)
-            total.update(node["counters"]["skipped"])
-            return
-        if "skipped" in node and "num_streams" in node:
-            total.update(node["skipped"])
-            return
-        for value in node.values():
-            _collect_skips(value, total)

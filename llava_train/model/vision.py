@@ -61,8 +61,30 @@ class VisionTower(nn.Module):
         num_layers = self.config.num_hidden_layers
         return self.feature_layer % (num_layers + 1)
 
+    @property
+    def runs_layer_prefix(self) -> bool:
+        return self.config.model_type in DIRECT_TOWERS
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers a forward runs: only those used, except on the generic full-depth path."""
+        return self.layers_used if self.runs_layer_prefix else self.config.num_hidden_layers
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens every encoder layer processes: the patches, plus the CLS token if the tower has one."""
+        return self.num_patches + int(self.has_cls_token)
+
+    def executed_modules(self) -> list[nn.Module]:
+        """The submodules a forward runs, in order (what FLOPs are counted over)."""
+        if not self.runs_layer_prefix:
+            return [self.encoder]
+        pre_norm = getattr(self.encoder, "pre_layrnorm", None)
+        prefix = [self.encoder.embeddings] + ([pre_norm] if pre_norm is not None else [])
+        return prefix + list(self.encoder.encoder.layers[: self.layers_used])
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.config.model_type in DIRECT_TOWERS:
+        if self.runs_layer_prefix:
             features = self._run_layer_prefix(pixel_values)
         else:  # any other HF encoder: the generic (but full-depth) path
             features = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[

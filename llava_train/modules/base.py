@@ -64,7 +64,13 @@ class TechniqueModule(ABC):
         raise ValueError(f"module `{self.name}` cannot be merged into plain weights (export policy {self.export})")
 
     def flops_per_token(self, model: "MultimodalLM") -> float:
-        """Extra forward FLOPs per LM token that the module adds (its own matmuls); for MFU."""
+        """Forward FLOPs per LM token on the module's own weights, outside plain Linear layers (which the
+        MFU count already walks); counted x3 when the module trains, x2 when frozen."""
+        return 0.0
+
+    def frozen_flops_per_token(self, model: "MultimodalLM") -> float:
+        """Forward FLOPs per LM token the module adds on weights that stay frozen (e.g. a shared copy
+        run once per chosen expert); counted x2 (forward and input gradient)."""
         return 0.0
 
     @classmethod

@@ -154,7 +154,7 @@ class MoEUpcycle(TechniqueModule):
         chosen = self._layer_indices(len(layers))
         params: dict[str, nn.Parameter] = {}
         hidden = model.lm.config.hidden_size
-        self.forward_flops = 0.0
+        self.forward_flops = self.frozen_forward_flops = 0.0
         for index in chosen:
             mlp = getattr(layers[index], self.options.mlp_name)
             missing = [p for p in (*SWIGLU, "act_fn") if not hasattr(mlp, p)]
@@ -169,10 +169,16 @@ class MoEUpcycle(TechniqueModule):
             if block.shared is not None:
                 self.frozen_parameters += list(block.shared.parameters())  # the experts' common frozen copy
             inter = mlp.gate_proj.out_features
-            extra = 0 if self.options.expert_lora is None else 6 * self.options.expert_lora * (hidden + inter)
-            # k experts instead of one MLP: (k - 1) more MLPs, plus the router and any LoRA deltas
-            self.forward_flops += (self.options.top_k - 1) * 6 * hidden * inter + 2 * self.options.experts * hidden
-            self.forward_flops += self.options.top_k * extra
+            lora = 0 if self.options.expert_lora is None else 2 * self.options.expert_lora * (3 * hidden + 3 * inter)
+            # Stacked experts are no Linear layers (the matmul walk cannot see them): k MLPs per token. LoRA
+            # experts keep the shared, frozen MLP's Linears (counted once by the walk): k - 1 more runs of it.
+            mlp = 6 * hidden * inter
+            if self.options.expert_lora is None:
+                self.forward_flops += self.options.top_k * mlp
+            else:
+                self.forward_flops += self.options.top_k * lora
+                self.frozen_forward_flops += (self.options.top_k - 1) * mlp
+            self.forward_flops += 2 * self.options.experts * hidden  # the router
         return params
 
     def _layer_indices(self, count: int) -> list[int]:
@@ -188,6 +194,9 @@ class MoEUpcycle(TechniqueModule):
 
     def flops_per_token(self, model) -> float:
         return self.forward_flops
+
+    def frozen_flops_per_token(self, model) -> float:
+        return self.frozen_forward_flops
 
     @classmethod
     def example_options(cls, workdir) -> dict:

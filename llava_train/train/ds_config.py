@@ -111,12 +111,7 @@ def _set_zero(config: dict, cfg: TrainConfig, path: Path | None) -> None:
             f"{path} sets zero_optimization.stage={preset_stage} but train.zero_stage={cfg.zero_stage}; "
             f"the recipe wins (set train.zero_stage={preset_stage} to use the preset's stage)"
         )
-    zero["stage"] = cfg.zero_stage
-    if cfg.offload and cfg.zero_stage == 0:
-        raise RecipeError(
-            "train.offload needs ZeRO: it moves the ZeRO-partitioned optimizer states (and, at stage 3, "
-            "the parameters) to CPU memory; set train.zero_stage to 2 or 3, or train.offload to false"
-        )
+    zero["stage"] = cfg.zero_stage  # offload without ZeRO never gets here: TrainConfig refuses it
     wanted = {"offload_optimizer": cfg.offload, "offload_param": cfg.offload and cfg.zero_stage == 3}
     for section, want in wanted.items():
         current = zero.get(section) or {}

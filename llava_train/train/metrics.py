@@ -1,5 +1,6 @@
 """Per-step metrics: where they go (metrics.jsonl, wandb, a progress bar) and the numbers
-behind throughput (FLOPs per token, MFU against a measured matmul peak, peak memory)."""
+behind throughput (the measured matmul peak that MFU divides by, peak memory; the FLOPs
+of a step are train/flops.py's)."""
 
 from __future__ import annotations
 
@@ -184,30 +185,7 @@ def _make_bar(total: int | None, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
-# ----------------------------------------------------------------------------- FLOPs and MFU
-
-
-def transformer_flops_per_token(
-    num_params_matmul: int, num_layers: int, hidden: int, seq_len: int, *, trainable: bool = True
-) -> float:
-    """Matmul FLOPs per token of a transformer (2 FLOPs per multiply-add).
-
-    Forward: 2N for N matmul weights, plus 4*L*H*T for attention scores (QK^T) and the
-    weighted sum (AV) over a length-T sequence, counted over the full T as in PaLM's MFU.
-    Training (forward + backward) triples it: 6N + 12*L*H*T, the backward computing both
-    activation and weight gradients. A frozen part run under no_grad (e.g. a frozen vision
-    tower) costs the forward only. See train/flops.py for the in-between case of a frozen
-    part that still backpropagates to trainable inputs (4N).
-    """
-    forward = 2.0 * num_params_matmul + 4.0 * num_layers * hidden * seq_len
-    return 3.0 * forward if trainable else forward
-
-
-def mfu(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s over the device's peak FLOP/s."""
-    if step_time_s <= 0 or peak_flops <= 0:
-        raise ValueError(f"step_time_s and peak_flops must be positive, got {step_time_s} and {peak_flops}")
-    return flops_per_step / step_time_s / peak_flops
+# ----------------------------------------------------------------------------- peak FLOP/s and memory
 
 
 _PEAK_CACHE: dict[tuple, float] = {}

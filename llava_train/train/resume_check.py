@@ -23,7 +23,6 @@ _MUST_MATCH = (
     "model.vision.config",
     "model.vision.feature_layer",
     "model.vision.use_cls",
-    "model.vision.image_size",
     "model.connector",
     "model.lm.config",
     "stage.name",

@@ -116,7 +116,7 @@ class Trainer:
                 log.info(line)
         if recipe.model.gradient_checkpointing:
             self.model.enable_gradient_checkpointing(vision=self.preset.vision)
-        self.flops = StepFlops.for_model(self.model, self.preset)
+        self.flops = StepFlops.for_model(self.model)  # after apply_stage: counts what trains
         self.timer = PhaseTimer(synchronize=self.recipe.train.sync_timing)
         self.timer.time_module(self.model.vision, "vision")
 
@@ -285,7 +285,9 @@ class Trainer:
             **_mean_over_ranks({f"aux/{k}": v for k, v in aux_totals.items()}),
             **_mean_over_ranks({f"objective/{k}": v for k, v in objective_metrics.items()}),
         }
-        flops_lm = sum(self.flops.lm(b.num_tokens, b.input_ids.shape[1]) for b in micro_batches)
+        flops_lm = sum(
+            self.flops.lm(b.num_tokens, b.input_ids.shape[1], b.num_supervised_tokens) for b in micro_batches
+        )
         flops_vision = self.flops.vision(images)
         metrics["mfu"] = (flops_lm + flops_vision) / step_time / peak_flops
         metrics["mfu_lm_only"] = flops_lm / step_time / peak_flops

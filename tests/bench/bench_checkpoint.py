@@ -89,19 +89,24 @@ def worker(workdir: Path, zero: int, repeats: int) -> None:
         fresh._resume(path)
         dist.barrier()
         resumes.append(time.perf_counter() - start)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # to a file of its own: the other ranks' output shares stdout and may interleave
         size = ckpt.folder_bytes(path)
-        print("RESULT " + json.dumps({"writes": writes, "resumes": resumes, "bytes": size}), flush=True)
+        result_file(workdir, world, zero).write_text(json.dumps({"writes": writes, "resumes": resumes, "bytes": size}))
+
+
+def result_file(workdir: Path, ranks: int, zero: int) -> Path:
+    return workdir / f"result-{ranks}r-zero{zero}.json"
 
 
 def run_worker(workdir: Path, ranks: int, zero: int, repeats: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            __file__, "--worker", "--workdir", str(workdir), "--zero", str(zero), "--repeats", str(repeats)]
+    result = result_file(workdir, ranks, zero)
+    result.unlink(missing_ok=True)
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=1800)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
+    if proc.returncode != 0 or not result.is_file():
         raise SystemExit(f"worker failed ({ranks} ranks, ZeRO-{zero}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line.removeprefix("RESULT "))
+    return json.loads(result.read_text())
 
 
 # ----------------------------------------------------------------------------- signal-to-exit latency
