@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--visual-tokens", type=int, default=None,
+                     help="visual tokens per image for a Matryoshka connector (default: its full count)")
 
     bench = sub.add_parser("bench", help="time a few steps of a recipe and split the step time")
     bench.add_argument("recipe")
@@ -149,7 +151,9 @@ def _generate(args) -> int:
     model, tokenizer = load_model_files(args.checkpoint)
     recipe_file = Path(args.checkpoint) / "recipe.yaml"
     data = yaml.safe_load(recipe_file.read_text())["data"] if recipe_file.is_file() else {}
-    answerer = Answerer(model, tokenizer, data.get("template", "vicuna_v1"), data.get("image_mode", "pad"))
+    answerer = Answerer(
+        model, tokenizer, data.get("template", "vicuna_v1"), data.get("image_mode", "pad"), args.visual_tokens
+    )
     image = Image.open(args.image) if args.image else None
     options = DecodeOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(answerer.answer([args.prompt], [image], options)[0])
