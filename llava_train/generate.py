@@ -15,7 +15,9 @@ from llava_train.data.batch import IGNORE_INDEX, Example
 from llava_train.data.collate import collate
 from llava_train.data.images import ImageProcessor
 from llava_train.data.templates import get_template
+from llava_train.model.io import load_model_files
 from llava_train.model.mllm import MultimodalLM
+from llava_train.model.prompting import checkpoint_prompting
 
 
 @dataclass
@@ -27,11 +29,26 @@ class DecodeOptions:
 
 
 class Answerer:
-    def __init__(self, model: MultimodalLM, tokenizer, template: str = "vicuna_v1", image_mode: str = "pad"):
+    def __init__(
+        self,
+        model: MultimodalLM,
+        tokenizer,
+        template: str = "vicuna_v1",
+        image_mode: str = "pad",
+        system_prompt: str | None = None,
+        images: ImageProcessor | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.template = get_template(template, tokenizer)
-        self.images = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
+        self.template = get_template(template, tokenizer, system_prompt)
+        self.images = images or ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint) -> Answerer:
+        """The checkpoint's model, prompted with the template, system prompt and images it trained on."""
+        model, tokenizer = load_model_files(checkpoint)
+        how = checkpoint_prompting(checkpoint, model.vision.config)
+        return cls(model, tokenizer, how.template, how.image_mode, how.system_prompt, how.images)
 
     def prompt_embeddings(self, prompts: list[str], images: list[Image.Image | None]):
         """Left-padded prompt embeddings and attention mask for a batch of questions."""

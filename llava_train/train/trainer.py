@@ -112,7 +112,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         data, d = self.recipe.data, self.dist
-        encoder = pipeline.make_encoder(data, self.tokenizer, self.model)
+        encoder = pipeline.make_encoder(data, self.tokenizer, self.model, self.recipe.model.vision.path)
+        self.image_processor = encoder.image_processor  # saved with each checkpoint's model files
         collate_fn = pipeline.make_collate(self.tokenizer, self.model)
         mb = self.cfg.micro_batch_size
         self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, self.cfg.seed, d.rank, d.world_size)
@@ -321,7 +322,12 @@ class Trainer:
             )
             lora = self.recipe.stage.lora if self.preset.lora else None
             connector = self.recipe.model.connector.model_dump()
-            save_model_files(self.model, self.tokenizer, tmp / "model", d.rank, lora, connector)
+            data = self.recipe.data
+            save_model_files(
+                self.model, self.tokenizer, tmp / "model", d.rank, lora, connector, data.template, data.system_prompt
+            )
+            if d.is_main:  # the image settings training used, for generate and export (model/prompting.py)
+                self.image_processor.save_pretrained(tmp / "model" / "vision")
         final = self.ckpt_root / f"step-{self.step}"
         with self._all_ranks_or_none(tmp, space):
             if d.is_main:
