@@ -140,20 +140,11 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from pathlib import Path
-
-    import yaml
     from PIL import Image
 
     from llava_train.generate import Answerer, DecodeOptions
-    from llava_train.model.io import load_model_files
 
-    model, tokenizer = load_model_files(args.checkpoint)
-    recipe_file = Path(args.checkpoint) / "recipe.yaml"
-    data = yaml.safe_load(recipe_file.read_text())["data"] if recipe_file.is_file() else {}
-    answerer = Answerer(
-        model, tokenizer, data.get("template", "vicuna_v1"), data.get("image_mode", "pad"), args.visual_tokens
-    )
+    answerer = Answerer.from_checkpoint(args.checkpoint, visual_budget=args.visual_tokens)
     image = Image.open(args.image) if args.image else None
     options = DecodeOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(answerer.answer([args.prompt], [image], options)[0])

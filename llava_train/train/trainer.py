@@ -124,7 +124,10 @@ class Trainer:
         data, d = self.recipe.data, self.dist
         # Grouped samples (preference pairs) are for objectives that declare they read them.
         reads_groups = objective_class(self.recipe.stage.objective["type"]).accepts_groups
-        encoder = pipeline.make_encoder(data, self.tokenizer, self.model, accept_groups=reads_groups)
+        encoder = pipeline.make_encoder(
+            data, self.tokenizer, self.model, self.recipe.model.vision.path, accept_groups=reads_groups
+        )
+        self.image_processor = encoder.image_processor  # saved with each checkpoint's model files
         collate_fn = pipeline.make_collate(self.tokenizer, self.model)
         mb, seed, accum = self.cfg.micro_batch_size, self.cfg.seed, self.cfg.grad_accum
         self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, seed, d.rank, d.world_size, accum)
@@ -353,7 +356,12 @@ class Trainer:
             )
             lora = self.recipe.stage.lora if self.preset.lora else None
             connector = self.recipe.model.connector.model_dump()
-            save_model_files(self.model, self.tokenizer, tmp / "model", d.rank, lora, connector)
+            data = self.recipe.data
+            save_model_files(
+                self.model, self.tokenizer, tmp / "model", d.rank, lora, connector, data.template, data.system_prompt
+            )
+            if d.is_main:  # the image settings training used, for generate and export (model/prompting.py)
+                self.image_processor.save_pretrained(tmp / "model" / "vision")
         final = self.ckpt_root / f"step-{self.step}"
         with self._all_ranks_or_none(tmp, space):
             if d.is_main:
