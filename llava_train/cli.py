@@ -129,12 +129,13 @@ def _train(args) -> int:
         return 2
     from llava_train.train.checkpoint import CheckpointError
     from llava_train.train.faults import NonFiniteLossError
+    from llava_train.train.metrics import LoggerUnavailableError
     from llava_train.train.preemption import EXIT_PREEMPTED
     from llava_train.train.trainer import train
 
     try:
         result = train(recipe)
-    except (CheckpointError, FileNotFoundError, NonFiniteLossError) as exc:
+    except (CheckpointError, FileNotFoundError, NonFiniteLossError, LoggerUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
