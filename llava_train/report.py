@@ -178,8 +178,7 @@ def budget_curves(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 def field_table(run: Run) -> list[tuple[str, str, str, str, float]]:
     """(source, metric, field, value, score): latest per-field eval rows, then each summary.json."""
-    table = []
-    last_step = {}
+    table, last_step = [], {}
     for row in run.rows:
         last_step.update({key: row["step"] for key in row})
     for key, score in latest(run.rows).items():
@@ -203,6 +202,13 @@ def _figure(cols: int = 1) -> tuple[Figure, list]:
     return fig, [fig.add_subplot(1, cols, i + 1) for i in range(cols)]
 
 
+def _label(ax, title: str, xlabel: str = "step", ylabel: str | None = None, legend_right: bool = False) -> None:
+    ax.set(title=title, xlabel=xlabel, **({"ylabel": ylabel} if ylabel else {}))
+    ax.grid(alpha=0.3)
+    if legend_right:  # many labels (fields): beside the axes, never over the curves
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
 def _lines(ax, rows: list[dict], keys: list[str], title: str, scale: float = 1.0) -> bool:
     drawn = False
     for key in keys:
@@ -211,9 +217,7 @@ def _lines(ax, rows: list[dict], keys: list[str], title: str, scale: float = 1.0
             ax.plot(steps, [v * scale for v in values], marker="o" if len(steps) < 20 else None,
                     markersize=3, label=key)
             drawn = True
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
+    _label(ax, title)
     if drawn and len(keys) > 1:
         ax.legend(fontsize=7)
     return drawn
@@ -263,10 +267,7 @@ def plot_eval(rows: list[dict]) -> Figure | None:
         per_field = EVAL_FIELD.match(key) is not None
         ax.plot(steps, values, "--" if per_field else "-", marker="o", markersize=3,
                 linewidth=1 if per_field else 2, label=key.removeprefix("eval/"))
-    ax.set_title("evaluation")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _label(ax, "evaluation", legend_right=True)
     return fig
 
 
@@ -280,9 +281,7 @@ def plot_moe_load(rows: list[dict]) -> Figure | None:
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(experts)), [str(e) for e in experts])
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_title("expert load (mean over logged steps)")
+    ax.set(xlabel="expert", ylabel="layer", title="expert load (mean over logged steps)")
     fig.colorbar(image, ax=ax, label="load")
     return fig
 
@@ -295,9 +294,7 @@ def plot_retention(rows: list[dict]) -> Figure | None:
     fig, (ax,) = _figure()
     ax.bar([str(layer) for layer in layers], values, color="tab:orange")
     ax.set_ylim(0, max(1.0, max(values)))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of tokens kept")
-    ax.set_title("token retention per layer (mean over logged steps)")
+    ax.set(xlabel="layer", ylabel="fraction of tokens kept", title="token retention per layer (mean over logged steps)")
     return fig
 
 
@@ -314,10 +311,7 @@ def plot_budget_accuracy(rows: list[dict]) -> Figure | None:
         ax.set_xscale("log", base=2)  # budgets are usually powers of two: evenly spaced
         ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("visual tokens (budget)")
-    ax.set_title("evaluation against visual-token budget (latest)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _label(ax, "evaluation against visual-token budget (latest)", "visual tokens (budget)", legend_right=True)
     return fig
 
 
