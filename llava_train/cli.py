@@ -1,4 +1,4 @@
-"""`llava-train`: train, export, generate, demo.
+"""`llava-train`: train, export, generate, demo, report.
 
 The same entry point serves `llava-train ...`, `torchrun -m llava_train ...` and the
 `deepspeed` launcher (whose `--local_rank` argument is accepted and ignored: the rank
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("overrides", nargs="*")
     env.add_argument("--json", action="store_true")
 
+    report = sub.add_parser("report", help="an HTML page of a run: curves, throughput, data skips, evaluation")
+    report.add_argument("run_dir", help="a run folder (train.output_dir, holding metrics.jsonl)")
+    report.add_argument("--out", default=None, help="where to write the page (default RUN_DIR/report.html)")
+
     demo = sub.add_parser("demo", help="build the coloured-shapes data, train pretrain + sft, report accuracy")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         from data_tools.cli import run_data_command
 
         return run_data_command(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "demo":
         from llava_train.demo import run_demo
 
@@ -125,18 +131,30 @@ def _train(args) -> int:
         return 2
     from llava_train.train.checkpoint import CheckpointError
     from llava_train.train.faults import NonFiniteLossError
+    from llava_train.train.metrics import LoggerUnavailableError
     from llava_train.train.preemption import EXIT_PREEMPTED
     from llava_train.train.trainer import train
 
     try:
         result = train(recipe)
-    except (CheckpointError, FileNotFoundError, NonFiniteLossError) as exc:
+    except (CheckpointError, FileNotFoundError, NonFiniteLossError, LoggerUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
         done = "preempted" if result.preempted else "done"
         print(f"{done}: step {result.step}, loss {result.last_loss:.4f}, checkpoint {result.checkpoint}")
     return EXIT_PREEMPTED if result.preempted else 0
+
+
+def _report(args) -> int:
+    from llava_train.report import ReportError, write_report
+
+    try:
+        print(f"report: {write_report(args.run_dir, args.out)}")
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _generate(args) -> int:

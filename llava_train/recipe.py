@@ -254,6 +254,7 @@ class TrainConfig(Section):
     progress_bar: bool = True
     sync_timing: bool = False  # synchronise the GPU at phase boundaries for exact step-time splits (bench)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars to OUTPUT/tensorboard (rank 0)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):

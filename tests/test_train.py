@@ -93,3 +93,29 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(demo_data, tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-2), step  # bf16 has an 8-bit mantissa
         assert b[step] != a[step]  # ...and did run in bf16
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_match_metrics_jsonl(demo_data, tmp_path):
+    from tests.test_metrics import tensorboard_scalars
+
+    run(demo_data, tmp_path, max_steps=3, tensorboard=True)
+    expected: dict[str, list] = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                expected.setdefault(key, []).append((row["step"], pytest.approx(value, rel=1e-6, abs=1e-12)))
+    assert {"loss", "lr", "tokens_per_s", "mfu", "eval_loss"} <= set(expected)
+    assert tensorboard_scalars(tmp_path) == expected  # event files hold float32: equal to 1e-6
+
+
+def test_missing_tensorboard_stops_before_any_model_is_built(demo_data, tmp_path, monkeypatch):
+    import sys
+
+    from llava_train.train.metrics import LoggerUnavailableError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setattr(Trainer, "_build_model", lambda self: pytest.fail("built a model first"))
+    with pytest.raises(LoggerUnavailableError, match="set train.tensorboard=false"):
+        run(demo_data, tmp_path, tensorboard=True)

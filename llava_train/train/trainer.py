@@ -36,7 +36,7 @@ from llava_train.train.engine import (
 from llava_train.train.flops import StepFlops
 from llava_train.train.memory import model_state_bytes
 from llava_train.train.timing import PhaseTimer
-from llava_train.train.metrics import MetricsLogger, measure_peak_flops, peak_memory_bytes
+from llava_train.train.metrics import MetricsLogger, measure_peak_flops, peak_memory_bytes, require_tensorboard
 from llava_train.train.preemption import EXIT_PREEMPTED, StopSignal
 from llava_train.train.resume_check import check_model_shapes, check_resumable
 
@@ -75,6 +75,8 @@ class Trainer:
         self.recipe = recipe
         self.cfg = recipe.train
         pipeline.check_data_paths(recipe.data)
+        if self.cfg.tensorboard:
+            require_tensorboard()
         self.resume_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume)
         self.dist: DistInfo = setup_distributed()
         if self.resume_from is not None:  # a damaged or foreign checkpoint is refused before any building
@@ -181,6 +183,7 @@ class Trainer:
             total_steps=self.cfg.max_steps,
             progress_bar=self.cfg.progress_bar,
             initial_step=self.step,
+            tensorboard=self.cfg.tensorboard,
         )
         if d.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
