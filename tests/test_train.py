@@ -119,3 +119,15 @@ def test_missing_tensorboard_stops_before_any_model_is_built(demo_data, tmp_path
     monkeypatch.setattr(Trainer, "_build_model", lambda self: pytest.fail("built a model first"))
     with pytest.raises(LoggerUnavailableError, match="set train.tensorboard=false"):
         run(demo_data, tmp_path, tensorboard=True)
+
+
+def test_grad_norm_without_zero_equals_zero2s(demo_data, tmp_path):
+    """DeepSpeed reports no grad norm without ZeRO in fp32; the trainer's own equals ZeRO-2's."""
+    for zero in (0, 2):
+        run(demo_data, tmp_path / f"z{zero}", max_steps=2, log_every=1, zero_stage=zero, grad_accum=2)
+    norms = {}
+    for zero in (0, 2):
+        rows = [json.loads(line) for line in (tmp_path / f"z{zero}" / "metrics.jsonl").read_text().splitlines()]
+        norms[zero] = [row["grad_norm"] for row in rows if "loss" in row]
+    assert all(n is not None and n > 0 for n in norms[0])
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4)

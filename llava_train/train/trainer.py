@@ -258,6 +258,8 @@ class Trainer:
             skip = skip or self.nonfinite.is_bad(loss, self.step + 1)
             with self.timer.phase("backward"):
                 self.engine.backward(zero_loss(loss) if skip else loss)
+            if micro_step == len(micro_batches) - 1 and self.cfg.zero_stage == 0:
+                unclipped_norm = _grad_norm(self.optimizer)  # DeepSpeed reports none without ZeRO in fp32
             with self.timer.phase("optimizer"), suppressed_update(self.engine, self.optimizer, skip):
                 self.engine.step()
             loss_sum += out.loss_sum.detach().float().cpu()
@@ -273,6 +275,8 @@ class Trainer:
         self.tokens_seen += int(_all_reduce_sum(torch.tensor(float(tokens))))
         self.samples_seen += int(_all_reduce_sum(torch.tensor(float(samples))))
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None and self.cfg.zero_stage == 0:
+            grad_norm = unclipped_norm
         metrics = {
             "loss": float(_all_reduce_sum(loss_sum)) / global_units,
             "lr": lr,
@@ -434,6 +438,15 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     reduced = value.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else value.clone()
     dist.all_reduce(reduced)
     return reduced.cpu()
+
+
+def _grad_norm(optimizer) -> float:
+    """The global L2 norm of the gradients the optimizer is about to apply, before clipping. Without ZeRO,
+    DeepSpeed all-reduces the gradients in the boundary's backward, so every rank holds the same ones."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
