@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -115,3 +116,19 @@ def test_generate_at_any_budget_and_refuses_an_invalid_one(demo_data, tmp_path, 
         assert main(base + ["--visual-tokens", m]) == 0
     with pytest.raises(ValueError, match="visual budget 5 is not one this connector offers"):
         main(base + ["--visual-tokens", "5"])
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_steps_with_a_different_budget_per_rank(demo_data, tmp_path):
+    from tests.test_distributed import launch
+
+    recipe = tiny_recipe_dict(demo_data, tmp_path / "out", max_steps=3, micro_batch_size=2, zero_stage=3)
+    options = {"num_queries": 16, "heads": 4, "per_rank": True}
+    recipe["model"]["connector"] = {"type": "matryoshka_query", "options": options}
+    recipe["data"]["eval"] = []
+    spec = query(**{k: v for k, v in options.items() if k not in ("num_queries", "heads")}).visual_tokens()
+    drawn = [(spec.budget_for(0, step, 0), spec.budget_for(0, step, 1)) for step in range(3)]
+    assert any(a != b for a, b in drawn)  # the ranks do see different counts in some step
+    losses_by_step = launch(recipe, tmp_path, nproc=2)
+    assert sorted(losses_by_step) == [1, 2, 3]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in losses_by_step.values())  # NaN is null in JSONL
