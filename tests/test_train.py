@@ -131,3 +131,18 @@ def test_grad_norm_without_zero_equals_zero2s(demo_data, tmp_path):
         norms[zero] = [row["grad_norm"] for row in rows if "loss" in row]
     assert all(n is not None and n > 0 for n in norms[0])
     assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+
+
+def assert_resume_matches(recipe_for, tmp_path: Path, steps: int = 4, at: int = 2):
+    """Train `recipe_for(out, **train)` (a validated Recipe, `max_steps=steps`) straight through, saving at step
+    `at`; resume a copy of that checkpoint in a fresh folder; the resumed steps' losses must equal the straight
+    run's. Returns the straight run's TrainResult."""
+    result = Trainer(recipe_for(tmp_path / "full", save_every=at)).train()
+    checkpoint = f"step-{at}"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / checkpoint, tmp_path / "resumed" / "checkpoints" / checkpoint)
+    Trainer(recipe_for(tmp_path / "resumed", resume="auto")).train()
+    expected, got = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(at + 1, steps + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    return result
