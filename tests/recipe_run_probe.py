@@ -36,7 +36,8 @@ def run(result_dir: str, recipe_path: str, *overrides: str) -> None:
         "zero_stage": trainer.engine.zero_optimization_stage(),
         "bf16": trainer.engine.bfloat16_enabled() or trainer._autocast,  # DeepSpeed's bf16 mode, or CPU autocast
         "samples_per_row": trainer.samples_seen / rows,  # over 1 only when rows are packed
-        "lora_parameters": sum(getattr(p, "ds_numel", p.numel()) for n, p in lm_params if "lora_" in n),
+        # peft adapters (`...lora_A.default.weight`), not a module's own expert tensors named lora_A
+        "lora_parameters": sum(getattr(p, "ds_numel", p.numel()) for n, p in lm_params if ".lora_A." in n or ".lora_B." in n),
     }
     Path(result_dir).mkdir(parents=True, exist_ok=True)
     Path(result_dir, f"rank{trainer.dist.rank}.json").write_text(json.dumps(report))

@@ -105,7 +105,7 @@ class Runs:
             f"train.output_dir={workdir / 'out'}",
             f"train.max_steps={STEPS}",
             "train.micro_batch_size=2",
-            f"data.max_length={min(data.max_length, 256)}",  # room to pack a few ~80-token samples
+            f"data.max_length={min(data.max_length, 512)}",  # room for 256 query tokens, or to pack ~80-token samples
             f"data.num_workers={min(data.num_workers, 1)}",
             "train.progress_bar=false",
         ]
