@@ -72,6 +72,11 @@ def sample_logprobs(hidden: torch.Tensor, head: torch.nn.Module, batch: Batch, c
 def pair_indices(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen sample index, rejected sample index) per pair, in group order."""
     groups = batch.num_groups
+    if groups == 0:
+        raise ValueError(
+            "dpo trains on preference pairs, but this micro-batch holds none: point data.train at pair shards "
+            "(`llava-train data convert-pairs`)"
+        )
     chosen = torch.full((groups,), -1, dtype=torch.long)
     rejected = torch.full((groups,), -1, dtype=torch.long)
     for sample, (group, member) in enumerate(zip(batch.group_index.tolist(), batch.group_members)):
