@@ -207,5 +207,17 @@ def test_slow_first_matmul_is_used_as_is(monkeypatch):
     m._PEAK_CACHE.clear()
 
 
+def test_peak_is_measured_on_larger_matrices_on_a_gpu(monkeypatch):
+    # The CPU keeps its short 2048^3 measurement; a GPU needs 8192^3 products to show its dense peak.
+    assert m.peak_matmul_size(torch.device("cpu")) == 2048
+    assert m.peak_matmul_size(torch.device("cuda", 0)) == 8192
+    m._PEAK_CACHE.clear()
+    sizes = []
+    monkeypatch.setattr(m, "_measure", lambda dtype, device, n, seconds: sizes.append(n) or 1.0)
+    measure_peak_flops(torch.float32, "cpu")
+    assert sizes == [2048]
+    m._PEAK_CACHE.clear()
+
+
 def test_peak_memory_is_at_least_the_current_rss():
     assert peak_memory_bytes() >= psutil.Process().memory_info().rss * 0.9 > 10 * 2**20
