@@ -180,7 +180,8 @@ def _eval(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     try:
         summary = evaluate_checkpoint(
-            args.checkpoint, args.data, options, out, args.template, args.limit, args.device, progress=sys.stderr.isatty()
+            args.checkpoint, args.data, options, out, args.template, args.limit, args.device,
+            progress=sys.stderr.isatty(),
         )
     except (EvalInputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,7 +12,10 @@ from PIL import Image
 
 from llava_train.cli import main
 from llava_train.data.collate import collate
+from llava_train.data.encode import SampleEncoder
+from llava_train.data.images import ImageProcessor
 from llava_train.data.pipeline import make_encoder
+from llava_train.data.templates import get_template
 from llava_train.evaluate.answer import EvalOptions, Evaluator
 from llava_train.evaluate.checkpoint import NO_LIMIT, evaluate_checkpoint
 from llava_train.evaluate.decode import greedy_decode, left_pad
@@ -88,7 +91,8 @@ def tiny(demo_data, tmp_path_factory):
 
 def _stops_at_different_steps(model, tokenizer, examples) -> list[int]:
     """A stop id that ends row 0 early while other rows go on (read off an unstopped run)."""
-    free = greedy_decode(model, collate(examples, tokenizer.pad_token_id, model.image_token_id), 6, [], tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    free = greedy_decode(model, collate(examples, pad, model.image_token_id), 6, [], pad)
     stop = free[0][2]
     assert any(stop not in row for row in free[1:]), "pick another step: every row would stop"
     return [stop]
@@ -146,7 +150,7 @@ def test_evaluator_pads_missing_batches_in_lockstep(tiny, monkeypatch):
     import llava_train.evaluate.answer as answer
 
     model, tokenizer, examples = tiny
-    template = make_encoder_template(tokenizer)
+    template = get_template("vicuna_v1", tokenizer)
     plain = Evaluator(model, tokenizer, template).answer(examples[:2], EvalOptions(batch_size=2, max_new_tokens=3))
     monkeypatch.setattr(answer, "_max_over_ranks", lambda value, device: max(value, 3))  # a peer has 3 batches
     decoded = []
@@ -155,12 +159,6 @@ def test_evaluator_pads_missing_batches_in_lockstep(tiny, monkeypatch):
     synced._decode = lambda rows, n: decoded.append([e.key for e in rows]) or original(rows, n)
     assert synced.answer(examples[:2], EvalOptions(batch_size=2, max_new_tokens=3)) == plain
     assert decoded[1:] == [["<dummy>"], ["<dummy>"]]
-
-
-def make_encoder_template(tokenizer):
-    from llava_train.data.templates import get_template
-
-    return get_template("vicuna_v1", tokenizer)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -175,10 +173,7 @@ def _raw(conversations, key="k"):
 
 def test_prompt_is_the_training_prefix_before_the_last_answer(tiny):
     model, tokenizer, _ = tiny
-    recipe_template = make_encoder_template(tokenizer)
-    from llava_train.data.images import ImageProcessor
-    from llava_train.data.encode import SampleEncoder
-
+    recipe_template = get_template("vicuna_v1", tokenizer)
     images = ImageProcessor.from_vision_config(model.vision.config)
     encoder = QuestionEncoder(SampleEncoder(recipe_template, images, model.tokens_per_image, NO_LIMIT), NO_LIMIT)
     single = encoder(_raw([{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]))
@@ -215,7 +210,8 @@ def _eval(checkpoint, demo_data, out, *extra):
 
 
 def _predictions(out) -> dict[str, str]:
-    return {row["key"]: row["prediction"] for row in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
+    return {row["key"]: row["prediction"] for row in rows}
 
 
 def test_eval_cli_writes_predictions_summary_and_table(checkpoint, demo_data, tmp_path, capsys):
@@ -241,7 +237,9 @@ def test_eval_exported_llava_folder_alike(checkpoint, demo_data, tmp_path):
     options = EvalOptions(batch_size=8, max_new_tokens=3)
     shards = [str(demo_data / "eval" / "shard-*.tar")]
     ours = evaluate_checkpoint(checkpoint, shards, options, tmp_path / "a", limit=8, progress=False)
-    theirs = evaluate_checkpoint(exported, shards, options, tmp_path / "b", template="vicuna_v1", limit=8, progress=False)
+    theirs = evaluate_checkpoint(
+        exported, shards, options, tmp_path / "b", template="vicuna_v1", limit=8, progress=False
+    )
     assert _predictions(tmp_path / "a") == _predictions(tmp_path / "b")
     assert ours["accuracy"] == theirs["accuracy"]
 

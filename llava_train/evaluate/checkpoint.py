@@ -42,7 +42,9 @@ def check_model_folder(path: str | Path) -> None:
 
     path = Path(path)
     if not path.is_dir():
-        raise EvalInputError(f"{path} does not exist; pass a checkpoint folder (RUN/checkpoints/step-N) or an exported Llava folder")
+        raise EvalInputError(
+            f"{path} does not exist; pass a checkpoint folder (RUN/checkpoints/step-N) or an exported Llava folder"
+        )
     if not (is_hf_llava_folder(path) or (path / META).is_file() or (path / "model" / META).is_file()):
         raise EvalInputError(
             f"{path} is not a checkpoint: it has neither model/{META} (a llava_train checkpoint, "
@@ -158,5 +160,6 @@ def write_results(out_dir: Path, rows: list[dict], summary: dict) -> None:
 def print_summary(summary: dict, out_dir: Path) -> None:
     print(format_table(summary))
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items())
-    print(f"{summary['num']} questions ({summary['samples_per_s']:.2f} samples/s)" + (f"; skipped {skipped}" if skipped else ""))
+    rate = f"{summary['num']} questions ({summary['samples_per_s']:.2f} samples/s)"
+    print(rate + (f"; skipped {skipped}" if skipped else ""))
     print(f"wrote {out_dir / 'predictions.jsonl'} and {out_dir / 'summary.json'}")

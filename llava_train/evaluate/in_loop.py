@@ -32,12 +32,14 @@ def read_checked_records(recipe: Recipe) -> list[dict]:
 
 
 class GenerationEval:
-    def __init__(self, recipe: Recipe, records: list[dict], tokenizer, model, rank: int, world_size: int, device, autocast: bool):
+    def __init__(
+        self, recipe: Recipe, records: list[dict], tokenizer, model, rank: int, world_size: int, device, autocast: bool
+    ):
         from llava_train.data.pipeline import make_encoder
 
         cfg = recipe.train
-        encoder = QuestionEncoder(make_encoder(recipe.data.model_copy(update={"max_length": NO_LIMIT}), tokenizer, model),
-                                  recipe.data.max_length)
+        unlimited = recipe.data.model_copy(update={"max_length": NO_LIMIT})  # over-long prompts are skipped below
+        encoder = QuestionEncoder(make_encoder(unlimited, tokenizer, model), recipe.data.max_length)
         self.questions, self.skipped = [], Counter()
         for raw in records[rank::world_size]:
             try:
@@ -45,7 +47,8 @@ class GenerationEval:
             except BadSample as bad:
                 self.skipped[bad.reason] += 1
         self.options = EvalOptions(cfg.micro_batch_size, cfg.eval_generate_max_new_tokens, tuple(cfg.eval_generate_by))
-        self.evaluator = Evaluator(model, tokenizer, encoder.encoder.template, device, autocast, lockstep=world_size > 1)
+        template = encoder.encoder.template
+        self.evaluator = Evaluator(model, tokenizer, template, device, autocast, lockstep=world_size > 1)
         self.out_dir = Path(cfg.output_dir) / "eval_generate"
         self.rank = rank
 

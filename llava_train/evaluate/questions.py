@@ -93,7 +93,8 @@ class QuestionEncoder:
         images = [image.convert("RGB") for image in images]
         template, pixels = self.encoder.template, self.encoder.image_processor
         if self.encoder.tiler is not None:  # AnyRes: each image becomes tiles + thumbnail, one span each
-            text = expand_placeholders([{"from": "human", "value": text}], [self.encoder.tiler.num_images(i.size) for i in images])[0]["value"]
+            counts = [self.encoder.tiler.num_images(image.size) for image in images]
+            text = expand_placeholders([{"from": "human", "value": text}], counts)[0]["value"]
             tensors = [tile for image in images for tile in self.encoder.tiler(image)]
         else:
             tensors = [pixels(image) for image in images]

@@ -47,7 +47,8 @@ def build(workdir: Path, questions: int, checkpoint: str | None):
         tokenizer = load_tokenizer(recipe.model.tokenizer)
         torch.manual_seed(0)
         model = build_model(recipe.model, tokenizer, None, seed=0).eval()
-    encoder = QuestionEncoder(make_encoder(recipe.data.model_copy(update={"max_length": NO_LIMIT}), tokenizer, model), NO_LIMIT)
+    unlimited = recipe.data.model_copy(update={"max_length": NO_LIMIT})
+    encoder = QuestionEncoder(make_encoder(unlimited, tokenizer, model), NO_LIMIT)
     examples = [encoder(raw).example for raw in read_records(recipe.data.eval, questions)]
     return model, tokenizer, get_template(recipe.data.template, tokenizer), examples
 
