@@ -1,4 +1,4 @@
-"""`llava-train`: train, export, generate, demo, report.
+"""`llava-train`: train, export, generate, eval, demo, report.
 
 The same entry point serves `llava-train ...`, `torchrun -m llava_train ...` and the
 `deepspeed` launcher (whose `--local_rank` argument is accepted and ignored: the rank
@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--visual-tokens", type=int, default=None,
                      help="visual tokens per image for a Matryoshka connector (default: its full count)")
 
+    ev = sub.add_parser("eval", help="answer held-out shard questions greedily; accuracy overall and per meta field")
+    ev.add_argument("checkpoint", help="a checkpoint folder (RUN/checkpoints/step-N) or an exported Llava folder")
+    ev.add_argument("--data", nargs="+", required=True, help="shard paths, globs or brace patterns")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--by", nargs="*", default=[], help="meta fields to break accuracy down by (e.g. qtype)")
+    ev.add_argument("--out", default=None, help="output folder (default CHECKPOINT/eval)")
+    ev.add_argument("--template", default=None, help="only when the checkpoint does not record its template")
+    ev.add_argument("--limit", type=int, default=None, help="the first N samples only")
+    ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
     bench = sub.add_parser("bench", help="time a few steps of a recipe and split the step time")
     bench.add_argument("recipe")
     bench.add_argument("overrides", nargs="*")
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "bench":
         from llava_train.bench import print_summary, run_bench
 
@@ -166,6 +179,27 @@ def _generate(args) -> int:
     image = Image.open(args.image) if args.image else None
     options = DecodeOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(answerer.answer([args.prompt], [image], options)[0])
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from llava_train.evaluate.answer import EvalOptions
+    from llava_train.evaluate.checkpoint import evaluate_checkpoint, print_summary
+    from llava_train.evaluate.questions import EvalInputError
+
+    options = EvalOptions(args.batch_size, args.max_new_tokens, tuple(args.by))
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    try:
+        summary = evaluate_checkpoint(
+            args.checkpoint, args.data, options, out, args.template, args.limit, args.device,
+            progress=sys.stderr.isatty(),
+        )
+    except (EvalInputError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary, out)
     return 0
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from llava_train.data import pipeline
 from llava_train.data.batch import TokenRole
+from llava_train.evaluate import in_loop
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.stages import resolve_stage
 from llava_train.model.io import initialise_from, save_model_files
@@ -77,6 +78,8 @@ class Trainer:
         pipeline.check_data_paths(recipe.data)
         if self.cfg.tensorboard:
             require_tensorboard()
+        # Held-out questions for the generation eval, checked before any model is built.
+        generation_records = in_loop.read_checked_records(recipe) if self.cfg.eval_generate_every else None
         self.resume_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume)
         self.dist: DistInfo = setup_distributed()
         if self.resume_from is not None:  # a damaged or foreign checkpoint is refused before any building
@@ -90,6 +93,12 @@ class Trainer:
             check_model_shapes(self.resume_from, self.model)
         self._build_data()
         self._build_engine()
+        self.generation_eval = None
+        if generation_records is not None:
+            d = self.dist
+            self.generation_eval = in_loop.GenerationEval(
+                recipe, generation_records, self.tokenizer, self.model, d.rank, d.world_size, d.device, self._autocast
+            )
         self.step = 0
         self.tokens_seen = 0
         self.samples_seen = 0
@@ -205,6 +214,8 @@ class Trainer:
                 self.step_logged_memory = True
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.eval_loader is not None:
                 metrics["eval_loss"] = eval_loss = self.evaluate()
+            if self.generation_eval is not None and self._generation_due():
+                metrics.update(self.evaluate_generation())
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
                 logger.log(self.step, metrics)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
@@ -342,6 +353,18 @@ class Trainer:
             count += weight * out.count
         self.engine.train()
         return float(_all_reduce_sum(total) / _all_reduce_sum(count).clamp(min=1))
+
+    def _generation_due(self) -> bool:
+        return self.step % self.cfg.eval_generate_every == 0 or self.step == self.cfg.max_steps
+
+    @torch.no_grad()
+    def evaluate_generation(self) -> dict[str, float]:
+        """Greedy answers to held-out questions on the training model (all ranks in lockstep)."""
+        self.engine.eval()
+        try:
+            return self.generation_eval(self.step)
+        finally:
+            self.engine.train()
 
     # ------------------------------------------------------------------ checkpoints
 
