@@ -24,48 +24,64 @@ REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("lora", "moe_lora_dense", "moe_lora_sparse")
 
 
-def run_variant(args) -> dict:
-    import torch
-    import yaml
+def build_variant(variant: str, lm_cfg: dict, experts: int, rank: int):
+    """The LM (frozen) with its adapters on the MLP projections, and the adapters' parameters."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llava_train.data.batch import TokenRole
-    from llava_train.model import context
     from llava_train.model.lora import add_lora
     from llava_train.modules import build_module
     from llava_train.recipe import LoraConfig
 
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    lm_cfg = dict(yaml.safe_load((REPO / "recipes/demo/base.yaml").read_text())["model"]["lm"]["config"])
+    lm_cfg = dict(lm_cfg)
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg))
     lm.requires_grad_(False)
     targets = ["gate_proj", "up_proj", "down_proj"]
-    if args.variant == "lora":
-        lm = add_lora(lm, LoraConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, target_modules=targets))
+    if variant == "lora":
+        lm = add_lora(lm, LoraConfig(r=rank, alpha=2 * rank, dropout=0.0, target_modules=targets))
     else:
         holder = type("Holder", (), {"lm": lm, "attachments": []})()  # just enough of MultimodalLM for attach
-        module = build_module({"type": "moe_lora", "experts": args.experts, "rank": args.rank, "alpha": 2 * args.rank,
-                               "dispatch": args.variant.rsplit("_", 1)[-1]})
+        module = build_module({"type": "moe_lora", "experts": experts, "rank": rank, "alpha": 2 * rank,
+                               "dispatch": variant.rsplit("_", 1)[-1]})
         module.attach_to(holder)
-    params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    shape = (args.batch, args.seq)
-    ids = torch.randint(0, lm.config.vocab_size, shape)
-    roles = torch.full(shape, int(TokenRole.TEXT), dtype=torch.int8)
-    ctx = context.ForwardContext(roles, torch.zeros(shape, dtype=torch.long), torch.arange(args.seq).expand(shape),
-                                 torch.zeros(0, dtype=torch.long), 1, False)
-    import psutil
+    return lm, [p for p in lm.parameters() if p.requires_grad]
 
+
+def train_step(lm, optimizer, ids):
+    """One AdamW step on text-only rows. Each forward gets its own context, as MultimodalLM.forward does: a
+    context reused across steps would keep every step's aux losses (and their graphs) alive."""
+    import torch
+
+    from llava_train.data.batch import TokenRole
+    from llava_train.model import context
+
+    rows, seq = ids.shape
+    roles = torch.full(ids.shape, int(TokenRole.TEXT), dtype=torch.int8)
+    ctx = context.ForwardContext(roles, torch.zeros(ids.shape, dtype=torch.long), torch.arange(seq).expand(rows, seq),
+                                 torch.zeros(0, dtype=torch.long), 1, False)
+    with context.activate(ctx):
+        out = lm(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ctx
+
+
+def run_variant(args) -> dict:
+    import psutil
+    import torch
+    import yaml
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    lm_cfg = yaml.safe_load((REPO / "recipes/demo/base.yaml").read_text())["model"]["lm"]["config"]
+    lm, params = build_variant(args.variant, lm_cfg, args.experts, args.rank)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, lm.config.vocab_size, (args.batch, args.seq))
     gc_before = psutil.Process().memory_info().rss  # imports and weights: not what the step costs
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        with context.activate(ctx):
-            out = lm(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(lm, optimizer, ids)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     return {
