@@ -32,6 +32,9 @@ NOT_CARRIED = {
     "datasets": "data_tools/convert_hf.py (the HF datasets converter) only, which the check does not run",
     "flash_attn": "optional: attn_implementation=flash_attention_2 falls back to sdpa without it",
     "liger_kernel": "optional loss backend (stage.loss.backend=liger), never chosen by `auto`",
+    "lmms_eval": "llava_train/evaluate/lmms_eval_model.py only, the optional lmms-eval adapter ([eval] extra)",
+    "tensorboard": "train/metrics.py imports it only when train.tensorboard is true; the check leaves it off",
+    "matplotlib": "llava_train/report.py only (`llava-train report`), which the check does not run",
 }
 
 
