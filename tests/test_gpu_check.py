@@ -127,7 +127,11 @@ def test_padded_tokenizer_has_the_lm_vocabulary_and_encodes_as_before(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_tiny_mode_runs_every_part_and_reports_the_cuda_skips(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path)}
+    # Not the process-group variables an in-process Trainer test left in this process (its gloo store still
+    # listens on that MASTER_PORT): the check's runs would collide with it (EADDRINUSE).
+    launch_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launch_vars}
+    env.update(OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path))
     proc = subprocess.run(["bash", "launch/gpu_check/run.sh", "--cpu", "--tiny"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
