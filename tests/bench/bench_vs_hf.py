@@ -213,7 +213,7 @@ class PadToLongest:
 def run_hf(paths: dict, out: Path, args) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from llava_train.model.stages import resolve_stage
+    from llava_train.model.build import apply_stage
     from llava_train.recipe import StageConfig
     from llava_train.train.flops import StepFlops
 
@@ -254,8 +254,10 @@ def run_hf(paths: dict, out: Path, args) -> dict:
     # FLOPs as the trainer counts an unpacked batch of ours (train/flops.py): real tokens, attention over the
     # padded row, the tower's images; HF's extra work (logits at every position, the tower's last layer) is not
     # model FLOPs.
-    flops = StepFlops.for_model(model, resolve_stage(StageConfig(name="sft")))
-    flops_lm = sum(flops.lm(t, w) for t, w in zip(collator.tokens[timed], collator.widths[timed]))
+    apply_stage(model, StageConfig(name="sft"))  # StepFlops counts what requires grad
+    flops = StepFlops.for_model(model)
+    batches = zip(collator.tokens[timed], collator.widths[timed], collator.supervised[timed])
+    flops_lm = sum(flops.lm(tokens, width, supervised) for tokens, width, supervised in batches)
     flops_vision = flops.vision(sum(collator.images[timed]))
     peak = peak_flops(args)
     return {
