@@ -5,7 +5,8 @@
   `torch` (reference, CPU path), `triton` (Triton per-chunk kernel), `liger` (Liger-Kernel, when
   installed; never required), `auto` (triton for CUDA tensors when triton imports, else torch).
 - `sequence_logprobs(hidden, weight, labels)`: per-sequence sums of label log-probs (DPO).
-- `chunked_kl_divergence(hidden, weight, teacher_logits)`: forward KL from a teacher (distillation).
+- `chunked_distillation(hidden, weight, teacher_logits, DivergenceSpec(...))`: forward/reverse KL,
+  generalised JSD, skewed KL, temperature, top-k (distillation; `chunked_kl_divergence` = forward KL).
 - `chunked_linear` / `ChunkedLinearLoss` / `ChunkResult`: the shared row-chunked core the losses
   above plug a per-chunk function into; see `kernels/chunked.py`.
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 # submodule's contents with `from kernels.linear_cross_entropy import ...`.
 from kernels import linear_cross_entropy as _torch_impl
 from kernels.chunked import ChunkedLinearLoss, ChunkFn, ChunkResult, chunked_linear, run_scalar_loss
-from kernels.distillation import chunked_kl_divergence
+from kernels.distillation import DivergenceSpec, chunked_distillation, chunked_kl_divergence, naive_distillation
 from kernels.linear_cross_entropy import DEFAULT_CHUNK_SIZE, LossOutput, naive_linear_cross_entropy
 from kernels.sequence_logprobs import sequence_logprobs
 
@@ -98,11 +99,14 @@ __all__ = [
     "ChunkFn",
     "ChunkResult",
     "ChunkedLinearLoss",
+    "DivergenceSpec",
     "DEFAULT_CHUNK_SIZE",
     "LossOutput",
+    "chunked_distillation",
     "chunked_kl_divergence",
     "chunked_linear",
     "linear_cross_entropy",
+    "naive_distillation",
     "naive_linear_cross_entropy",
     "resolve_backend",
     "run_scalar_loss",
