@@ -44,8 +44,12 @@ def greedy_decode(
     stop_ids: list[int],
     pad_id: int,
     keep_going: Callable[[bool], bool] = lambda local: local,
+    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """New token ids per row of a right-padded prompt batch (collate's output), stop token excluded."""
+    """New token ids per row of a right-padded prompt batch (collate's output), stop token excluded.
+
+    `choose(last logits [rows, V]) -> ids [rows]` picks each next token (default: argmax; KD's
+    on-policy steps sample)."""
     batch = left_pad(batch)
     mask = batch.attention_mask
     params = _forward_parameters(model.lm)
@@ -62,7 +66,8 @@ def greedy_decode(
     stops = torch.tensor(stop_ids, dtype=torch.long, device=mask.device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        next_ids = out.logits[:, -1].argmax(dim=-1)
+        logits = out.logits[:, -1]
+        next_ids = logits.argmax(dim=-1) if choose is None else choose(logits)
         finished = torch.isin(next_ids, stops)
         for row in torch.nonzero(~done & ~finished).flatten().tolist():
             tokens[row].append(int(next_ids[row]))

@@ -12,3 +12,4 @@ from llava_train.objectives.base import (  # noqa: F401
 )
 from llava_train.objectives import lm  # noqa: F401,E402  (registers `lm`)
 from llava_train.objectives import dpo  # noqa: F401,E402  (registers `dpo`)
+from llava_train.objectives import kd  # noqa: F401,E402  (registers `kd`)
