@@ -87,3 +87,225 @@ def test_top_k_with_every_token_is_forward_kl():
     full = chunked_distillation(hidden, weight, lambda r: teacher[r], DivergenceSpec(), bias=b, chunk_size=8)
     topv = chunked_distillation(hidden, weight, lambda r: teacher[r], DivergenceSpec(top_k=V), bias=b, chunk_size=8)
     torch.testing.assert_close(topv, full)
+
+
+# ----------------------------------------------------------------------------- RDist
+
+
+from llava_train.objectives.kd import relation  # noqa: E402
+
+
+def test_rdist_is_zero_on_identical_features_and_scale_and_permutation_invariant():
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(3, 9, 16, generator=gen), torch.randn(3, 9, 40, generator=gen)  # widths differ
+    loss = lambda s, t: relation.relation_loss(relation.gram(s), relation.gram(t))  # noqa: E731
+    torch.testing.assert_close(loss(student, student), torch.zeros(3), atol=1e-6, rtol=0)
+    base = loss(student, teacher)
+    assert (base > 1e-3).all()
+    torch.testing.assert_close(loss(3.0 * student, 0.5 * teacher), base)
+    perm = torch.randperm(9, generator=gen)
+    torch.testing.assert_close(loss(student[:, perm], teacher[:, perm]), base)
+
+
+def test_logits_gram_equals_the_gram_of_full_logits():
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight, bias = torch.randn(2, 7, 12, generator=gen), torch.randn(50, 12, generator=gen), torch.randn(50, generator=gen)
+    want = relation.gram(hidden @ weight.T + bias)
+    torch.testing.assert_close(relation.logits_gram(hidden, weight, bias), want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(relation.logits_gram(hidden, weight), relation.gram(hidden @ weight.T), rtol=1e-4, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the objective on the tiny model
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+from llava_train.data.batch import IGNORE_INDEX, Batch, TokenRole  # noqa: E402
+from llava_train.objectives.kd.teacher_batch import teacher_batch  # noqa: E402
+from llava_train.recipe import RecipeError, validate_recipe  # noqa: E402
+from llava_train.train.trainer import Trainer  # noqa: E402
+from tests.conftest import TINY_LM, TINY_VISION, tiny_recipe_dict  # noqa: E402
+
+
+def kd_recipe(demo_data, out, teacher, objective=None, stage="sft", init_from=None, **train) -> dict:
+    recipe = tiny_recipe_dict(demo_data, out, **{"max_steps": 2, "lr": 1e-2, **train})
+    recipe["stage"] = {"name": stage, "init_from": init_from,
+                       "objective": {"type": "kd", "teacher": str(teacher), **(objective or {})}}
+    recipe["data"]["eval"] = []
+    return recipe
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(demo_data, tmp_path_factory):
+    """A trained tiny model (the student's architecture) to distil from."""
+    recipe = tiny_recipe_dict(demo_data, tmp_path_factory.mktemp("teacher"), max_steps=2, lr=1e-2)
+    recipe["data"]["eval"] = []
+    return Trainer(validate_recipe(recipe)).train().checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_tower_teacher(demo_data, tmp_path_factory):
+    """A teacher whose tower emits 4 tokens per image (patch 16), the student's 16 (patch 8), and a wider LM."""
+    recipe = tiny_recipe_dict(demo_data, tmp_path_factory.mktemp("teacher4"), max_steps=1)
+    recipe["model"]["vision"]["config"]["patch_size"] = 16
+    recipe["model"]["lm"]["config"].update(hidden_size=96, intermediate_size=192)
+    recipe["data"]["eval"] = []
+    return Trainer(validate_recipe(recipe)).train().checkpoint
+
+
+@pytest.mark.parametrize("level", ["logits", "hidden", "projector"])
+def test_self_distillation_gives_zero_divergence_and_zero_gradient(demo_data, tmp_path, teacher_checkpoint, level):
+    """The student starts as the teacher: every KD term and its gradient is zero (CE off)."""
+    options = {"ce_weight": 0.0, "rdist_level": level}
+    recipe = kd_recipe(demo_data, tmp_path, teacher_checkpoint, options, init_from=str(teacher_checkpoint), max_steps=1)
+    Trainer(validate_recipe(recipe)).train()
+    first = rows(tmp_path)[0]
+    assert first["objective/mdist"] == pytest.approx(0, abs=1e-6)
+    assert first["aux/kd_visual_mdist"] == pytest.approx(0, abs=1e-6)
+    assert first["aux/kd_rdist"] == pytest.approx(0, abs=1e-5)
+    assert first["grad_norm"] < 1e-5 and first["objective/ce"] > 1  # CE would not be zero: it is off
+
+
+def test_teacher_never_trains_never_saves_and_stays_out_of_the_optimizer(demo_data, tmp_path, teacher_checkpoint):
+    trainer = Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint)))
+    teacher = trainer.objective.frozen["teacher"]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(not p.requires_grad and id(p) not in in_optimizer for p in teacher.parameters())
+    result = trainer.train()
+    trainer.engine.train()
+    assert not teacher.training
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    saved = load_file(str(result.checkpoint / "model" / "model.safetensors"))
+    assert saved.keys() == set(trainer.model.state_dict())  # the student only
+    steps = rows(tmp_path)
+    assert steps[0]["objective/mdist"] > 0 and steps[-1]["objective/mdist"] < steps[0]["objective/mdist"]
+    for term in ("objective/ce", "aux/kd_visual_mdist", "aux/kd_rdist"):  # each term logged on its own
+        assert term in steps[0]
+
+
+def _rows_of(batch: Batch, rows: slice) -> Batch:
+    """Rows of an unpacked batch as a batch of their own (their images, sample ids from 0)."""
+    images = (batch.image_sample_index >= rows.start) & (batch.image_sample_index < rows.stop)
+    cut = lambda t: t[rows]  # noqa: E731
+    return dataclasses.replace(
+        batch, input_ids=cut(batch.input_ids), labels=cut(batch.labels), attention_mask=cut(batch.attention_mask),
+        token_roles=cut(batch.token_roles), position_ids=cut(batch.position_ids),
+        sequence_ids=cut(batch.sequence_ids).clamp(min=-1) - rows.start * (cut(batch.sequence_ids) >= 0),
+        pixel_values=batch.pixel_values[images], image_sample_index=batch.image_sample_index[images] - rows.start,
+        keys=batch.keys[rows], meta=batch.meta[rows], group_index=batch.group_index[rows], group_members=batch.group_members[rows],
+    )
+
+
+def _padded(batch: Batch, extra: int, pad_id: int) -> Batch:
+    """The batch with `extra` more padding columns."""
+    def pad(t, value):
+        return torch.cat([t, torch.full((t.shape[0], extra), value, dtype=t.dtype)], dim=1)
+    return dataclasses.replace(
+        batch, input_ids=pad(batch.input_ids, pad_id), labels=pad(batch.labels, IGNORE_INDEX),
+        attention_mask=pad(batch.attention_mask, 0), token_roles=pad(batch.token_roles, int(TokenRole.PAD)),
+        position_ids=pad(batch.position_ids, 0), sequence_ids=pad(batch.sequence_ids, -1),
+    )
+
+
+def test_micro_batches_sum_to_the_big_batch_and_padding_is_masked(demo_data, tmp_path, teacher_checkpoint):
+    """Response terms are sums over supervised tokens: two halves of a batch add up to the whole, extra
+    padding changes nothing, and the count is the supervised tokens (what the trainer normalises by)."""
+    trainer = Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, micro_batch_size=8)))
+    batch = next(iter(trainer.loader))
+    objective, model = trainer.objective, trainer.model
+    whole = objective(model, batch)
+    halves = [objective(model, _rows_of(batch, slice(a, a + 4))) for a in (0, 4)]
+    torch.testing.assert_close(whole.loss_sum, halves[0].loss_sum + halves[1].loss_sum, rtol=1e-5, atol=1e-5)
+    assert whole.count == halves[0].count + halves[1].count == batch.num_supervised_tokens
+    padded = objective(model, _padded(batch, 5, trainer.tokenizer.pad_token_id))
+    torch.testing.assert_close(padded.loss_sum, whole.loss_sum, rtol=1e-5, atol=1e-5)
+    for name in ("kd_visual_mdist", "kd_rdist"):
+        torch.testing.assert_close(padded.aux_losses[name], whole.aux_losses[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_teacher_with_another_visual_token_count_reads_the_same_text(demo_data, tmp_path, teacher_checkpoint):
+    trainer = Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, micro_batch_size=4)))
+    batch = next(iter(trainer.loader))
+    image_id, pad_id = trainer.model.image_token_id, trainer.tokenizer.pad_token_id
+    rebuilt = teacher_batch(batch, 16, 4, 16, pad_id, image_id)
+    assert rebuilt.pixel_values.shape[-1] == 16 and int((rebuilt.token_roles == int(TokenRole.IMAGE)).sum()) == 4 * len(batch.pixel_values)
+    ours, theirs = batch.labels[:, 1:], rebuilt.labels[:, 1:]
+    assert torch.equal(ours[ours != IGNORE_INDEX], theirs[theirs != IGNORE_INDEX])  # response positions align, in order
+    text = lambda b: b.input_ids[b.token_roles == int(TokenRole.TEXT)]  # noqa: E731
+    assert torch.equal(text(batch), text(rebuilt))
+
+
+def test_response_only_kd_from_a_teacher_with_another_tower(demo_data, tmp_path, small_tower_teacher):
+    options = {"visual_mdist_weight": 0.0, "rdist_weight": 0.0}
+    Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, small_tower_teacher, options))).train()
+    steps = rows(tmp_path)
+    assert all(0 < s["objective/mdist"] < 100 for s in steps)
+
+
+def test_refusals_at_recipe_load(demo_data, tmp_path, teacher_checkpoint, small_tower_teacher):
+    with pytest.raises(RecipeError, match="teacher emits 4 visual tokens per image, the student 16"):
+        validate_recipe(kd_recipe(demo_data, tmp_path, small_tower_teacher))
+    matryoshka = kd_recipe(demo_data, tmp_path, teacher_checkpoint)
+    matryoshka["model"]["connector"] = {"type": "matryoshka_query", "options": {"num_queries": 8}}
+    with pytest.raises(RecipeError, match="varying number of visual tokens"):
+        validate_recipe(matryoshka)
+    other_template = kd_recipe(demo_data, tmp_path, teacher_checkpoint)
+    other_template["data"]["template"] = "plain"
+    with pytest.raises(RecipeError, match="data.template=vicuna_v1"):
+        validate_recipe(other_template)
+    other_tokenizer = tmp_path / "teacher"
+    shutil.copytree(teacher_checkpoint / "model", other_tokenizer)
+    from llava_train.model.build import load_tokenizer
+
+    tok = load_tokenizer(str(other_tokenizer / "tokenizer"))
+    tok.add_tokens(["<not-in-the-student>"])
+    tok.save_pretrained(other_tokenizer / "tokenizer")
+    with pytest.raises(RecipeError, match="the teacher's tokenizer"):
+        validate_recipe(kd_recipe(demo_data, tmp_path, other_tokenizer))
+    with pytest.raises(RecipeError, match="neither a llava_train checkpoint"):
+        validate_recipe(kd_recipe(demo_data, tmp_path, tmp_path / "missing"))
+    with pytest.raises(RecipeError, match="top_k needs divergence forward_kl"):
+        validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, {"divergence": "jsd", "top_k": 5}))
+
+
+def test_on_policy_steps_distil_on_the_students_samples(demo_data, tmp_path, teacher_checkpoint):
+    options = {"on_policy": 1.0, "max_new_tokens": 5}
+    Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, options, max_steps=2))).train()
+    steps = rows(tmp_path)
+    assert all("objective/on_policy_mdist" in s and "objective/ce" not in s for s in steps)
+    assert all(0 < s["objective/on_policy_tokens"] <= 4 * 5 and s["loss"] > 0 for s in steps)
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_with_a_teacher_match_one(demo_data, tmp_path, teacher_checkpoint):
+    from tests.test_distributed import launch
+
+    def recipe(out, micro, zero):
+        options = {"visual_mdist_weight": 0.0, "rdist_weight": 0.0}  # per-micro-batch means: not split-invariant
+        return kd_recipe(demo_data, out / "out", teacher_checkpoint, options, max_steps=3, micro_batch_size=micro,
+                         zero_stage=zero)
+
+    single = launch(recipe(tmp_path / "one", 8, 0), tmp_path / "one", nproc=1)
+    two = launch(recipe(tmp_path / "two", 4, 3), tmp_path / "two", nproc=2)
+    for step, loss in single.items():
+        assert two[step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_on_policy_generation_under_two_rank_zero3_does_not_hang(demo_data, tmp_path, teacher_checkpoint):
+    """Sampled completions end at different lengths on the two ranks; lockstep decoding keeps them together."""
+    from tests.test_distributed import launch
+
+    recipe = kd_recipe(demo_data, tmp_path / "out", teacher_checkpoint, {"on_policy": 1.0, "max_new_tokens": 8},
+                       max_steps=2, micro_batch_size=2, zero_stage=3)
+    losses = launch(recipe, tmp_path, nproc=2)
+    assert sorted(losses) == [1, 2] and all(loss > 0 for loss in losses.values())
