@@ -272,7 +272,9 @@ def test_refusals_at_recipe_load(demo_data, tmp_path, teacher_checkpoint, small_
     with pytest.raises(RecipeError, match="the teacher's tokenizer"):
         validate_recipe(kd_recipe(demo_data, tmp_path, other_tokenizer))
     with pytest.raises(RecipeError, match="neither a llava_train checkpoint"):
-        validate_recipe(kd_recipe(demo_data, tmp_path, tmp_path / "missing"))
+        validate_recipe(kd_recipe(demo_data, tmp_path, tmp_path))  # a folder, but no model files
+    other_template["stage"]["objective"]["same_template"] = False  # meant (DPT distils on captions)
+    validate_recipe(other_template)
     with pytest.raises(RecipeError, match="top_k needs divergence forward_kl"):
         validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, {"divergence": "jsd", "top_k": 5}))
 
@@ -309,3 +311,16 @@ def test_on_policy_generation_under_two_rank_zero3_does_not_hang(demo_data, tmp_
                        max_steps=2, micro_batch_size=2, zero_stage=3)
     losses = launch(recipe, tmp_path, nproc=2)
     assert sorted(losses) == [1, 2] and all(loss > 0 for loss in losses.values())
+
+
+def test_on_policy_samples_stay_in_the_declared_shared_vocabulary(demo_data, tmp_path):
+    """A teacher whose head covers only the tokenizer (the student's is padded to 1024 rows): distil over that
+    slice, and sample on-policy completions from it too (a token the teacher lacks would index past its embeddings)."""
+    from llava_train.objectives.kd.checks import example_teacher
+
+    (tmp_path / "tokenizer").symlink_to(demo_data / "tokenizer", target_is_directory=True)
+    teacher, vocabulary = example_teacher(tmp_path)
+    assert vocabulary < TINY_LM["vocab_size"]
+    options = {"vocab_slice": vocabulary, "on_policy": 1.0, "max_new_tokens": 6, "sample_temperature": 2.0}
+    Trainer(validate_recipe(kd_recipe(demo_data, tmp_path / "run", teacher, options, max_steps=2))).train()
+    assert all(s["objective/on_policy_tokens"] > 0 for s in rows(tmp_path / "run"))

@@ -5,8 +5,8 @@ other recipes inherit), so a new recipe is covered without editing this file. Th
 test keeps each recipe as written (ZeRO stage, precision, packing, LoRA, templates, ...)
 and overrides only what cannot ship: paths (tiny saved stand-ins for its model folders,
 the test's demo shards, its output folder), the step count and sizes (micro batch,
-max_length, eval samples, loader workers). A recipe whose `stage.init_from` points into
-another shipped recipe's output_dir starts from that recipe's checkpoint.
+max_length, eval samples, loader workers). A recipe whose `stage.init_from` (or KD teacher)
+points into another shipped recipe's output_dir starts from (distils from) that recipe's checkpoint.
 """
 
 from __future__ import annotations
@@ -78,6 +78,10 @@ class Runs:
                 if recipe.stage.init_from:
                     producer = add(self.producer_of(recipe.stage.init_from, path))
                     overrides.append(f"stage.init_from={producer['checkpoint']}")
+                teacher = recipe.stage.objective.get("teacher")  # a KD teacher: another shipped recipe's output
+                if teacher:
+                    producer = add(self.producer_of(teacher, path))
+                    overrides.append(f"stage.objective.teacher={producer['checkpoint']}")
                 workdir = self.workdir(path)
                 jobs[path] = {"recipe": str(path), "overrides": overrides, "results": str(workdir / "results"),
                               "checkpoint": str(workdir / "out" / "checkpoints" / f"step-{STEPS}")}

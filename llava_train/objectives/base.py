@@ -95,7 +95,8 @@ class Objective(nn.Module, metaclass=ABCMeta):
     @classmethod
     def example_options(cls, workdir) -> dict:
         """Options that run on the tests' tiny model (the composition test runs every allowed pair
-        with them); `workdir` is a scratch folder for anything they need (e.g. a teacher checkpoint)."""
+        with them); `workdir` is a scratch folder for anything they need (e.g. a teacher checkpoint), holding
+        the run's tokenizer at `workdir/tokenizer`."""
         return {}
 
     @classmethod

@@ -49,6 +49,7 @@ class KDOptions(ObjectiveOptions):
     visual_mdist_weight: float = Field(1.0, ge=0)  # MDist on visual positions (0: off)
     rdist_weight: float = Field(1.0, ge=0)  # RDist (0: off)
     rdist_level: Literal["logits", "hidden", "projector"] = "logits"  # logits: the released trainer's
+    same_template: bool = True  # refuse a data.template other than the teacher's (off for DPT on captions)
     on_policy: float = Field(0.0, ge=0, le=1)  # GKD lambda: the chance a step distils on the student's own sample
     max_new_tokens: int = Field(64, ge=1)  # on-policy completions
     sample_temperature: float = Field(1.0, gt=0)  # on-policy sampling
@@ -192,7 +193,8 @@ class KnowledgeDistillation(Objective):
 
     @classmethod
     def example_options(cls, workdir) -> dict:
-        return {"teacher": str(checks.example_teacher(workdir)), "on_policy": 0.5, "max_new_tokens": 4}
+        teacher, vocabulary = checks.example_teacher(workdir)
+        return {"teacher": str(teacher), "vocab_slice": vocabulary, "on_policy": 0.5, "max_new_tokens": 4}
 
     @classmethod
     def check_recipe(cls, options: KDOptions, recipe) -> None:

@@ -17,28 +17,34 @@ VISUAL_OFF = "set stage.objective.visual_mdist_weight=0 and rdist_weight=0 (resp
 
 
 def check_recipe(options, recipe) -> None:
-    teacher = _teacher_files(options.teacher)
+    if options.on_policy and recipe.data.packing:
+        raise ValueError("on_policy samples one completion per row; set data.packing=false (or on_policy=0)")
+    if options.visual_terms and recipe.model.connector.type != "mlp":
+        raise ValueError(
+            f"the student's connector `{recipe.model.connector.type}` emits a varying number of visual tokens "
+            f"(e.g. Matryoshka), but visual-position terms align the teacher's and student's visual tokens: {VISUAL_OFF}"
+        )
+    if not Path(options.teacher).exists():
+        return  # an earlier stage of the same chain writes it (like stage.init_from); building the objective checks
+    _check_teacher_files(options, recipe, _teacher_files(options.teacher))
+
+
+def _check_teacher_files(options, recipe, teacher: dict) -> None:
     student_tok, teacher_tok = load_tokenizer(recipe.model.tokenizer), load_tokenizer(str(teacher["tokenizer"]))
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise ValueError(
             f"the teacher's tokenizer ({teacher['tokenizer']}) differs from model.tokenizer ({recipe.model.tokenizer}): "
             "distillation compares next-token distributions token by token; use a teacher trained with this tokenizer"
         )
-    if teacher["template"] is not None and teacher["template"] != recipe.data.template:
+    if options.same_template and teacher["template"] not in (None, recipe.data.template):
         raise ValueError(
             f"the teacher was trained with data.template={teacher['template']}, this recipe uses {recipe.data.template}: "
-            f"the teacher would read prompts laid out unlike its training; set data.template={teacher['template']}"
+            f"the teacher would read prompts laid out unlike its training; set data.template={teacher['template']} "
+            "(or same_template=false where that is meant, e.g. distilling on captions)"
         )
-    if options.on_policy and recipe.data.packing:
-        raise ValueError("on_policy samples one completion per row; set data.packing=false (or on_policy=0)")
     if options.visual_terms:
         student = _student_tokens(recipe)
-        if student is None:
-            raise ValueError(
-                f"the student's connector `{recipe.model.connector.type}` emits a varying number of visual tokens "
-                f"(e.g. Matryoshka), but visual-position terms align the teacher's and student's visual tokens: {VISUAL_OFF}"
-            )
-        if teacher["tokens"] is not None and teacher["tokens"] != student:
+        if None not in (teacher["tokens"], student) and teacher["tokens"] != student:
             raise ValueError(
                 f"the teacher emits {teacher['tokens']} visual tokens per image, the student {student}: visual-position "
                 f"terms need equal counts; {VISUAL_OFF}"
@@ -65,8 +71,10 @@ def _teacher_files(path: str) -> dict:
 
 
 def _student_tokens(recipe) -> int | None:
+    """The student's fixed visual-token count, when its files say (else the built models are compared)."""
     source = recipe.model.vision
-    config = source.config or json.loads((Path(source.path) / "config.json").read_text())
+    file = Path(source.path or "") / "config.json"
+    config = source.config or (json.loads(file.read_text()) if file.is_file() else {})
     return _fixed_tokens(recipe.model.connector.type, config.get("vision_config", config), source.use_cls)
 
 
@@ -108,17 +116,18 @@ def _rows(weight) -> int:
 # ----------------------------------------------------------------------------- for the composition test
 
 
-def example_teacher(workdir: Path) -> Path:
+def example_teacher(workdir: Path) -> tuple[Path, int]:
     """A tiny random teacher checkpoint with the tokenizer at `workdir/tokenizer` (the composition test
-    links the run's tokenizer there): a wider LM than the tests' student, the same tower."""
+    links the run's tokenizer there), and its vocabulary size: a wider LM with a head sized to the
+    tokenizer (the student's may be larger: distil over the shared slice), the tests' tower."""
     from llava_train.model.build import assemble, build_language_model
     from llava_train.model.io import save_model_files
     from llava_train.model.vision import VisionTower, build_vision_encoder
 
     out = Path(workdir) / "teacher"
-    if (out / "llava_train_model.json").is_file():
-        return out
     tokenizer = load_tokenizer(str(Path(workdir) / "tokenizer"))
+    if (out / "llava_train_model.json").is_file():
+        return out, len(tokenizer)
     vision = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
               "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     lm = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 96, "intermediate_size": 192,
@@ -127,4 +136,4 @@ def example_teacher(workdir: Path) -> Path:
     tower = VisionTower(build_vision_encoder(None, vision, "sdpa"), feature_layer=-2)
     model = assemble(tower, build_language_model(None, lm, "sdpa"), tokenizer, "mlp", {})
     save_model_files(model, tokenizer, out, 0, None, {"type": "mlp", "options": {}}, "vicuna_v1")
-    return out
+    return out, len(tokenizer)

@@ -43,6 +43,7 @@ def sample_batch(model, batch: Batch, objective, options) -> Batch:
     generator = model.forward_context(batch).generator("kd/sample", device=batch.input_ids.device)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, : options.vocab_slice]  # only tokens the teacher has (a declared shared slice)
         probs = torch.softmax(logits.float() / options.sample_temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
