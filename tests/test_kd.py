@@ -186,6 +186,10 @@ def test_teacher_never_trains_never_saves_and_stays_out_of_the_optimizer(demo_da
         assert torch.equal(value, before[key]), key
     saved = load_file(str(result.checkpoint / "model" / "model.safetensors"))
     assert saved.keys() == set(trainer.model.state_dict())  # the student only
+    engine_state = torch.load(result.checkpoint / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert engine_state["module"] and not [k for k in engine_state["module"] if "teacher" in k]  # nor DeepSpeed's
+    resumed = kd_recipe(demo_data, tmp_path, teacher_checkpoint, max_steps=3, resume=str(result.checkpoint))
+    assert Trainer(validate_recipe(resumed)).train().step == 3  # the teacher comes back from its own files
     steps = rows(tmp_path)
     assert steps[0]["objective/mdist"] > 0 and steps[-1]["objective/mdist"] < steps[0]["objective/mdist"]
     for term in ("objective/ce", "aux/kd_visual_mdist", "aux/kd_rdist"):  # each term logged on its own

@@ -63,6 +63,10 @@ class Objective(nn.Module, metaclass=ABCMeta):
         self.options = options
         self.loss_config = build.recipe.stage.loss
         self.frozen = nn.ModuleDict()  # second models: eval mode, no grad, partitioned under ZeRO-3
+        # ...and never in a state dict: DeepSpeed's engine checkpoint (`module` of ZeRO 0-2) would otherwise
+        # write the whole teacher at every save. A resume rebuilds them from their own files instead.
+        self.register_state_dict_post_hook(_drop_frozen_keys)
+        self.register_load_state_dict_post_hook(_forgive_missing_frozen_keys)
 
     def count(self, batch) -> int:
         """This micro-batch's normaliser units, known before any forward."""
@@ -102,6 +106,16 @@ class Objective(nn.Module, metaclass=ABCMeta):
     @classmethod
     def check_recipe(cls, options: ObjectiveOptions, recipe: "Recipe") -> None:
         """Cross-section rules (stage, packing, data); raise ValueError with the fix."""
+
+
+def _drop_frozen_keys(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "frozen.")]:
+        del state_dict[key]
+
+
+def _forgive_missing_frozen_keys(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if ".frozen." not in f".{k}"]
 
 
 OBJECTIVES = Registry("objective")
