@@ -133,6 +133,12 @@ class DPO(Objective):
             self.add_frozen_model("reference", reference)
 
     def forward(self, model, batch: Batch) -> ObjectiveOutput:
+        terms, metrics, aux_losses = self.terms(model, batch)
+        losses = sum(terms.values())
+        return ObjectiveOutput(losses.sum(), int(losses.numel()), aux_losses, metrics)
+
+    def terms(self, model, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, float], dict]:
+        """Per-pair loss terms (preference, and sft / conditional / anchor when on), metrics, module aux losses."""
         chosen, rejected = (i.to(batch.labels.device) for i in pair_indices(batch))
         out = model(batch)  # chosen and rejected together: one concatenated forward
         policy_tokens, sample = token_logprobs(out.hidden_states, model.output_embeddings, batch, self._chunk)
@@ -142,10 +148,10 @@ class DPO(Objective):
         rejected_ratio = policy[rejected] - reference[rejected]
         margin = chosen_ratio - rejected_ratio
         opts, beta = self.options, self.options.beta
-        losses = preference_loss(margin, beta, opts.loss, opts.label_smoothing)
+        terms = {"preference": preference_loss(margin, beta, opts.loss, opts.label_smoothing)}
         if opts.sft_weight:  # RPO: the chosen answer's mean token NLL
             nll = -sequence_scores(policy_tokens, sample, torch.ones_like(weights), batch.num_samples, mean=True)
-            losses = losses + opts.sft_weight * nll[chosen]
+            terms["sft"] = opts.sft_weight * nll[chosen]
         metrics = {
             "rewards/chosen": float(beta * chosen_ratio.detach().mean()),
             "rewards/rejected": float(beta * rejected_ratio.detach().mean()),
@@ -155,13 +161,12 @@ class DPO(Objective):
         }
         aux_losses = dict(out.aux_losses)
         if opts.mdpo is not None and batch.pixel_values is not None:
-            conditional, anchor, corrupted_aux = self._mdpo(model, batch, chosen, chosen_ratio, weights)
-            losses = losses + conditional + anchor
-            metrics["mdpo/conditional"] = float(conditional.detach().mean())
-            metrics["mdpo/anchor"] = float(anchor.detach().mean())
+            terms["conditional"], terms["anchor"], corrupted_aux = self._mdpo(model, batch, chosen, chosen_ratio, weights)
+            metrics["mdpo/conditional"] = float(terms["conditional"].detach().mean())
+            metrics["mdpo/anchor"] = float(terms["anchor"].detach().mean())
             for name, value in corrupted_aux.items():  # module aux losses: once per policy forward
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
-        return ObjectiveOutput(losses.sum(), int(chosen.numel()), aux_losses, metrics)
+        return terms, metrics, aux_losses
 
     # ------------------------------------------------------------------ pieces
 
