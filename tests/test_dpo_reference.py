@@ -139,3 +139,37 @@ def test_precomputed_needs_no_adapters_but_refuses_mdpo(demo_data, tmp_path, sha
 def test_missing_cache_files_are_named(demo_data, tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="run `llava-train dpo-precompute RECIPE` first"):
         objective(recipe(demo_data, tmp_path, shards, precomputed_reference=True))
+
+
+# ----------------------------------------------------------------------------- a checkpoint (e.g. the KD teacher)
+
+
+@pytest.fixture(scope="module")
+def teacher(demo_data, tmp_path_factory) -> str:
+    """A checkpoint trained with the vicuna_v1 template on the demo tokenizer: a stand-in KD teacher."""
+    from tests.conftest import tiny_recipe_dict
+
+    out = tmp_path_factory.mktemp("teacher")
+    raw = tiny_recipe_dict(demo_data, out, max_steps=1)
+    raw["data"]["eval"] = []
+    return str(Trainer(validate_recipe(raw)).train().checkpoint)
+
+
+def test_a_checkpoint_reference_such_as_a_kd_teacher(demo_data, tmp_path, shards, teacher):
+    built = objective(recipe(demo_data, tmp_path, shards, reference=teacher))
+    assert "reference" in built.frozen and not any(p.requires_grad for p in built.frozen.parameters())
+    pre = recipe(demo_data, tmp_path, shards, reference=teacher, precomputed_reference=True)
+    dpo_precompute.precompute(pre, progress=False)
+    assert dpo_reference.read_cache(dpo_reference.cache_path(shards[0]))["reference"] == teacher
+    assert not objective(pre).frozen  # trained from the teacher's precomputed log-probs: no model
+
+
+def test_a_reference_with_another_template_or_tokenizer_is_refused(demo_data, tmp_path, shards, teacher):
+    other_template = dpo_recipe(demo_data, tmp_path, shards, {"reference": teacher})
+    other_template["data"]["template"] = "plain"
+    with pytest.raises(RecipeError, match="trained with template 'vicuna_v1'.*set data.template=vicuna_v1"):
+        validate_recipe(other_template)
+    other_tokenizer = dpo_recipe(demo_data, tmp_path, shards, {"reference": teacher})
+    other_tokenizer["model"]["tokenizer"] = changed_tokenizer(demo_data, tmp_path)
+    with pytest.raises(ValueError, match="has another tokenizer than the policy"):
+        objective(validate_recipe(other_tokenizer))
