@@ -256,8 +256,27 @@ class DPO(Objective):
                 "no adapters: use stage.name=sft_lora (or a module), set stage.objective.reference to a checkpoint, "
                 "or precompute the initial policy's log-probs (`llava-train dpo-precompute`, precomputed_reference)"
             )
+        if options.reference is None and not options.precomputed_reference:
+            _check_only_adapters_train(recipe)
         if options.reference is not None and not options.precomputed_reference:
             _check_reference_template(options.reference, recipe.data.template)
+
+
+def _check_only_adapters_train(recipe) -> None:
+    """The adapters-disabled reference is the policy minus its adapters: any other part that trains would move
+    the reference with it (the initial policy is no longer the reference)."""
+    from llava_train.model.stages import resolve_stage
+
+    preset = resolve_stage(recipe.stage)
+    moving = [part for part in ("vision", "connector") if getattr(preset, part)]
+    moving += ["lm"] if preset.lm and not preset.lora else []
+    if moving:
+        raise ValueError(
+            f"the reference is the policy with its adapters disabled, but this stage also trains {', '.join(moving)}, "
+            "which would move the reference along: freeze it (stage.trainable: {" + ", ".join(
+                f"{part}: false" for part in moving) + "}), or set stage.objective.reference to a checkpoint, or "
+            "precompute the reference (`llava-train dpo-precompute`, precomputed_reference: true)"
+        )
 
 
 def _check_reference_template(path: str, template: str) -> None:
