@@ -53,10 +53,10 @@ def build_reference(recipe, tokenizer):
     return model, model.adapters_disabled(), f"initial policy ({recipe.stage.init_from or 'built from the recipe'})"
 
 
-def shard_loader(shard: str, recipe, encoder, collate_fn):
-    """Every pair of one shard once, in order, batched as the recipe batches."""
+def shard_loader(shard: str, data, micro_batch_size: int, encoder, collate_fn):
+    """Every pair of one shard once, in order, batched as the recipe's data section batches."""
     stream = ShardStream([shard], encoder, seed=0, shuffle=False, loop=False, max_bad_fraction=None)
-    batching = pipeline.batching(recipe.data, recipe.train.micro_batch_size)
+    batching = pipeline.batching(data, micro_batch_size)
     return build_loader(BatchStream(stream, batching, VisualBudgets(encoder.visual, draw=False)), None, collate_fn)
 
 
@@ -94,9 +94,14 @@ def precompute(recipe, progress: bool = True) -> dict:
     autocast = device.type == "cuda" and recipe.train.precision == "bf16"
     collate_fn = pipeline.make_collate(tokenizer, model)
     chunk = recipe.stage.loss.chunk_size
+    mb = recipe.train.micro_batch_size
+
+    def loader(shard):
+        return shard_loader(shard, recipe.data, mb, encoder, collate_fn)
+
     with reference_mode:
         for shard in tqdm(todo, unit="shard", desc="dpo-precompute", disable=not progress, dynamic_ncols=True):
-            pairs = shard_logprobs(model, shard_loader(shard, recipe, encoder, collate_fn), chunk, device, autocast)
+            pairs = shard_logprobs(model, loader(shard), chunk, device, autocast)
             store.write_cache(store.cache_path(shard), key, description, pairs)
             result["written"].append(shard)
     return result
