@@ -34,6 +34,8 @@ def pair_recipe(demo_data: Path, workdir: Path, a: type, b: type, pairs: list[st
     if any(getattr(cls, "accepts_groups", False) for cls in (a, b)):  # an objective that reads preference pairs
         recipe["data"]["train"] = [str(p) for p in pairs]
         recipe["stage"]["lora"] = {"r": 2, "alpha": 4, "dropout": 0.0}
+        # only the modules train: an adapters-disabled reference must not move with the policy's other parts
+        recipe["stage"]["trainable"] = {"vision": False, "connector": False, "lm": False}
     for cls in (a, b):
         spec = {"type": cls.name, **cls.example_options(workdir)}
         if cls.name in OBJECTIVES and cls is OBJECTIVES[cls.name]:
