@@ -43,8 +43,9 @@ def add_data_commands(subparsers) -> None:
     hf.add_argument("--cache-dir", default=None, help="datasets' cache for parquet/JSON inputs")
     _add_convert_options(hf)
 
-    pairs = sub.add_parser("convert-pairs", help="preference pairs JSON/JSONL + image folder -> shards for DPO")
-    pairs.add_argument("data", help="JSON list or JSONL of {id, prompt, chosen, rejected, image}")
+    pairs = sub.add_parser("convert-pairs", help="preference pairs JSON/JSONL/parquet (+ image folder) -> shards for DPO")
+    pairs.add_argument("data", nargs="+", help="JSON list, JSONL or parquet files of {id, prompt, chosen, rejected, "
+                       "image(s)}; also RLAIF-V's (question, image bytes, idx) and TRL's conversational layouts")
     pairs.add_argument("--image-root", default=None, help="folder of the `image` paths (default: the JSON's folder)")
     _add_convert_options(pairs)
 

@@ -1,4 +1,4 @@
-"""`llava-train`: train, export, generate, eval, demo, report.
+"""`llava-train`: train, export, generate, eval, demo, report, dpo-precompute.
 
 The same entry point serves `llava-train ...`, `torchrun -m llava_train ...` and the
 `deepspeed` launcher (whose `--local_rank` argument is accepted and ignored: the rank
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a run folder (train.output_dir, holding metrics.jsonl)")
     report.add_argument("--out", default=None, help="where to write the page (default RUN_DIR/report.html)")
 
+    pre = sub.add_parser("dpo-precompute", help="write a dpo recipe's reference log-probs beside its train shards "
+                         "(resumes; then train with stage.objective.precomputed_reference=true)")
+    pre.add_argument("recipe")
+    pre.add_argument("overrides", nargs="*")
+
     demo = sub.add_parser("demo", help="build the coloured-shapes data, train pretrain + sft, report accuracy")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
@@ -123,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_data_command(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "dpo-precompute":
+        from llava_train.objectives.dpo_precompute import run_precompute
+
+        return run_precompute(args.recipe, args.overrides)
     if args.command == "demo":
         from llava_train.demo import run_demo
 

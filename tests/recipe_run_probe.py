@@ -27,6 +27,8 @@ def run(result_dir: str, recipe_path: str, *overrides: str) -> None:
     cfg, dist = trainer.cfg, trainer.dist
     lm_params = trainer.model.lm.named_parameters()  # ZeRO-3 partitions report their full size as ds_numel
     rows = result.step * cfg.grad_accum * cfg.micro_batch_size * dist.world_size
+    if trainer.objective.accepts_groups:  # a micro-batch counts groups (preference pairs): two rows each unpacked
+        rows *= 2
     report = {
         "rank": dist.rank,
         "world_size": dist.world_size,

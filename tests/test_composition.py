@@ -34,6 +34,8 @@ def pair_recipe(demo_data: Path, workdir: Path, a: type, b: type, pairs: list[st
     if any(getattr(cls, "accepts_groups", False) for cls in (a, b)):  # an objective that reads preference pairs
         recipe["data"]["train"] = [str(p) for p in pairs]
         recipe["stage"]["lora"] = {"r": 2, "alpha": 4, "dropout": 0.0}
+        # only the modules train: an adapters-disabled reference must not move with the policy's other parts
+        recipe["stage"]["trainable"] = {"vision": False, "connector": False, "lm": False}
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "tokenizer").exists():  # example options may build second models (a KD teacher) with it
         (workdir / "tokenizer").symlink_to(demo_data / "tokenizer", target_is_directory=True)

@@ -18,7 +18,7 @@ from tests.test_groups import pair_shards  # noqa: F401  (a fixture: convert-pai
 def dpo_recipe(demo_data, out, shards, objective=None, stage="sft_lora", **train) -> dict:
     recipe = tiny_recipe_dict(demo_data, out, **{"max_steps": 2, "lr": 1e-2, **train})
     recipe["stage"] = {"name": stage, "objective": {"type": "dpo", **(objective or {})},
-                       "lora": {"r": 2, "alpha": 4, "dropout": 0.0}}
+                       "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "trainable": {"connector": False}}
     recipe["data"].update(train=[str(s) for s in shards], eval=[])
     return recipe
 
@@ -55,6 +55,15 @@ def test_policy_equal_to_reference_gives_the_analytic_first_loss(demo_data, tmp_
 def test_needs_adapters_or_a_reference(demo_data, tmp_path, pair_shards):  # noqa: F811
     with pytest.raises(RecipeError, match="trains no adapters"):
         validate_recipe(dpo_recipe(demo_data, tmp_path, pair_shards, stage="sft"))
+
+
+def test_an_adapters_disabled_reference_refuses_other_trainable_parts(demo_data, tmp_path, pair_shards):  # noqa: F811
+    recipe = dpo_recipe(demo_data, tmp_path, pair_shards)
+    recipe["stage"]["trainable"] = {"connector": True, "vision": True}
+    with pytest.raises(RecipeError, match=r"also trains vision, connector, .*\{vision: false, connector: false\}"):
+        validate_recipe(recipe)
+    recipe["stage"]["objective"]["precomputed_reference"] = True  # a precomputed reference does not move
+    validate_recipe(recipe)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from llava_train.model.stages import resolve_stage
+from llava_train.objectives import objective_class
 from llava_train.recipe import Recipe, load_recipe
 from tests.conftest import TINY_LM, TINY_VISION
 
@@ -104,8 +105,9 @@ class Runs:
         workdir = self.workdir(path)
         model, data = recipe.model, recipe.data
         shards = "pretrain" if data.template == "plain" else "sft"  # captions for stage 1, chats after
+        train = self.pair_shards() if reads_groups(recipe) else self.demo_data / shards  # pairs for a pair objective
         found = [
-            f"data.train=[{self.demo_data / shards}/shard-*.tar]",
+            f"data.train=[{train}/shard-*.tar]",
             f"train.output_dir={workdir / 'out'}",
             f"train.max_steps={STEPS}",
             "train.micro_batch_size=2",
@@ -120,6 +122,15 @@ class Runs:
                 found.append(f"model.{part}.path={self.stand_ins[part]}")
         tokenizer = self.stand_ins["lm"] if model.lm.path is not None else self.stand_ins["tokenizer"]
         return found + [f"model.tokenizer={tokenizer}"]
+
+    def pair_shards(self) -> Path:
+        """Demo preference pairs (data_tools/demo_pairs.py) on the test's tokenizer's words, built once."""
+        from data_tools.demo_pairs import build_demo_pairs
+
+        folder = self.root / "pairs"
+        if not folder.is_dir():
+            build_demo_pairs(folder, num_pairs=64, image_size=32, samples_per_shard=16)
+        return folder
 
     def launch_all(self) -> dict[Path, list[dict]]:
         jobs = self.plan()
@@ -136,6 +147,10 @@ class Runs:
             if all(f.is_file() for f in files):
                 reports[Path(job["recipe"])] = [json.loads(f.read_text()) for f in files]
         return reports
+
+
+def reads_groups(recipe: Recipe) -> bool:
+    return objective_class(recipe.stage.objective["type"]).accepts_groups
 
 
 @pytest.fixture(scope="module")
