@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from llava_train.data.batch import IGNORE_INDEX, Example, TokenRole
 from llava_train.data.collate import collate, collate_rows
+from llava_train.generate import left_padded
 from llava_train.model import context
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.modules.attach import attach_modules, release_module_parameters
@@ -19,6 +21,7 @@ from llava_train.modules.mixture_of_depths import (
     select_top_k,
 )
 from llava_train.recipe import ModelConfig, StageConfig
+from llava_train.train.flops import StepFlops
 from tests.conftest import TINY_LM, TINY_VISION
 
 FAMILIES = {"llama": {}, "qwen2": {"model_type": "qwen2"}}
@@ -212,3 +215,102 @@ def test_packed_equals_unpacked(tokenizer):
         torch.testing.assert_close(
             b[packed.sequence_ids == sample], a[unpacked.sequence_ids == sample], rtol=1e-5, atol=1e-5
         )
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_kv_cache_decoding_equals_recomputation(tokenizer, family, attn):
+    """Greedy decoding through transformers' generate (prefill caches n_text + k_l per MoD layer, new
+    tokens run dense against it) gives the logits of a full forward over prompt + generated tokens."""
+    mod = with_mod(dense_model(tokenizer, family, attn, layers=4), randomise=0.5, schedule="fixed", ratio=0.5)
+    rows = [example(mod, 1, 4, 0), example(mod, 2, 6, 1)]  # different lengths: left padding
+    batch = left_padded(collate(rows, tokenizer.pad_token_id, mod.image_token_id))
+    prompt = mod.forward_context(batch)
+    with torch.no_grad():
+        with context.activate(prompt):
+            embeds = mod.embed(batch)
+        with context.during_generation(mod.decoder, prompt):
+            out = mod.lm.generate(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=4, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=None, use_cache=True,
+                return_dict_in_generate=True, output_logits=True,
+            )
+        cache = out.past_key_values
+        image = batch.token_roles == int(TokenRole.IMAGE)
+        for layer in mod_layers(mod):  # the prompt's compact row (n_text + pads + k_l) plus each new token but the last
+            kept = (~image).sum(1) + torch.floor(image.sum(1) * 0.5).long()
+            assert cache.layers[layer.cache_index].get_seq_length() == int(kept.max()) + 3
+        assert cache.layers[0].get_seq_length() == batch.input_ids.shape[1] + 3  # layer 0 stays dense
+        new = out.sequences[:, -4:]
+        for step in range(4):
+            tokens = new[:, :step]
+            full = torch.cat([embeds, mod.lm.get_input_embeddings()(tokens)], dim=1)
+            grow = lambda t, extra: torch.cat([t, extra], dim=1)  # noqa: E731
+            ctx = dataclasses.replace(
+                prompt,
+                token_roles=grow(batch.token_roles, torch.full(tokens.shape, int(TokenRole.TEXT), dtype=torch.int8)),
+                sequence_ids=grow(batch.sequence_ids, batch.sequence_ids[:, -1:].expand(-1, step)),
+                position_ids=grow(batch.position_ids, batch.position_ids[:, -1:] + torch.arange(1, step + 1)),
+                scratch={},
+            )
+            with context.activate(ctx):
+                hidden = mod.decoder(
+                    inputs_embeds=full, attention_mask=grow(batch.attention_mask, torch.ones_like(tokens)),
+                    position_ids=ctx.position_ids,
+                ).last_hidden_state
+            torch.testing.assert_close(out.logits[step], mod.lm.lm_head(hidden[:, -1]), rtol=1e-4, atol=1e-4)
+
+
+def test_fully_masked_rows_give_no_nan(tokenizer):
+    """Padding queries the decoder's mask leaves without keys (left padding, SDPA) and filler slots of short
+    compact rows attend to themselves: no NaN forward or backward."""
+    mod = with_mod(dense_model(tokenizer, attn="sdpa"), randomise=0.5, schedule="fixed", ratio=0.25)
+    rows = [example(mod, 2, 3, 0), example(mod, 0, 2, 1)]
+    batch = left_padded(collate(rows, tokenizer.pad_token_id, mod.image_token_id))
+    mod.train()
+    out = mod(batch).hidden_states
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in mod.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
+    base = with_mod(dense_model(tokenizer, attn="sdpa"), randomise=0.5, schedule="fixed", ratio=0.5)
+    batch = mixed_batch(base, tokenizer)
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing(vision=False)
+        out = model(batch)
+        (out.hidden_states * torch.linspace(-1, 1, out.hidden_states.shape[-1])).sum().backward()
+        results.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+        if checkpointing:
+            assert model.decoder.layers[1].base_layer.gradient_checkpointing
+    assert results[0].keys() == results[1].keys() and any("router" in name for name in results[0])
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("stage", [StageConfig(name="sft"), StageConfig(name="sft", trainable={"lm": False})],
+                         ids=["lm_trains", "lm_frozen"])
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_step_flops_count_only_the_tokens_mod_layers_run(tokenizer, stage, ratio):
+    """Against torch's FLOP counter on a real training step (eager attention, rows without padding)."""
+    from tests.test_flops import counted_step, image_batch, staged_model
+
+    module = {"type": "mixture_of_depths", "schedule": "fixed", "ratio": ratio}
+    model = staged_model(tokenizer, stage, modules=[module])
+    batch = image_batch(model, tokenizer)
+    flops = StepFlops.for_model(model)
+    images = batch.pixel_values.shape[0]
+    estimated = flops.for_batch(batch) + flops.vision(images)
+    assert estimated == counted_step(model, batch)["total"]
+    dense = flops.lm(batch.num_tokens, batch.input_ids.shape[1], batch.num_supervised_tokens)
+    assert flops.for_batch(batch) < dense  # the MoD layer ran fewer tokens than the batch holds
