@@ -13,7 +13,7 @@ Retention per layer follows progressive ratio decay (shifted cosine over L = num
 MoD where R_l <= 0.85, clamped at 0.15), a fixed ratio, or every other layer.
 
 Seams: the forward context (token roles, sequence ids, image order; `scratch` carries the STRing
-weights to the MLP hook and, in generation, which cached slots of each layer are real), the module
+weights to the MLP hook), the KV cache (each layer records on its cache which slots are real), the module
 seam (own group, export `keep`, router FLOPs) and `layer_tokens` (the FLOP count of layers that run
 on fewer tokens). The router runs on every token of every rank, also when nothing is selected, so
 ZeRO-3 gathers the same parameters everywhere. Generation: during prefill layer l caches its
@@ -43,6 +43,7 @@ from llava_train.model import context
 from llava_train.modules.base import ModuleOptions, TechniqueModule, register_module
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")  # the compact layer gets a gathered 4D mask
+CACHED_SLOTS = "llava_train_mod_real_slots"  # set on a KV cache layer: [B, cached] which slots are real tokens
 
 
 class MixtureOfDepthsOptions(ModuleOptions):
@@ -224,7 +225,7 @@ class MixtureOfDepthsLayer(nn.Module):
         positions = gather(position_ids) if position_ids is not None else None
         rotary = tuple(gather(t) for t in position_embeddings) if position_embeddings is not None else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        mask = self._mask(attention_mask, index, valid, roles, cache, ctx)
+        mask = self._mask(attention_mask, index, valid, roles, cache)
 
         kept_image = gather(image) & valid
         ctx.scratch[f"{self.key}/weights"] = torch.where(kept_image, gather(weights), 1.0)[..., None]
@@ -236,24 +237,29 @@ class MixtureOfDepthsLayer(nn.Module):
         self._report(ctx, image, skip)
         return result + keep_graph
 
-    def _mask(self, attention_mask, index, valid, roles, cache, ctx):
+    def _mask(self, attention_mask, index, valid, roles, cache):
         """The compact layer's mask: the decoder's, gathered; with a KV cache, this layer's own cached
-        slots (n_text + k_l of the prompt, then every decoded token) stand before the new tokens."""
-        past = cache.layers[self.cache_index].get_seq_length() if cache is not None and len(cache.layers) > self.cache_index else 0
+        slots (n_text + k_l of the prompt, then every decoded token) stand before the new tokens.
+
+        Which cached slots are real tokens (not padding or filler) is kept on the cache's layer itself,
+        so it lives exactly as long as the cache, whichever loop drives the decoding."""
         length = roles.shape[1]  # the tokens of this call: the last `length` keys of the decoder's mask
         new = compact_mask(_allowed(attention_mask, length, length, index.device), index, valid)
-        slots_key = f"{self.key}/cached_slots"
         if cache is not None:
-            real = valid & (roles.gather(1, index) != int(TokenRole.PAD))
-            previous = ctx.scratch.get(slots_key) if past else None
+            if len(cache.layers) <= self.cache_index:
+                raise RuntimeError(f"mixture_of_depths layer {self.index}: the KV cache has no layer {self.cache_index}")
+            slot = cache.layers[self.cache_index]
+            past = slot.get_seq_length()
+            previous = getattr(slot, CACHED_SLOTS, None) if past else None
             if past and (previous is None or previous.shape[1] != past):
                 raise RuntimeError(
-                    f"mixture_of_depths layer {self.index}: the KV cache holds {past} tokens but this forward context "
-                    "did not fill it; decode through context.during_generation with the prompt's context"
+                    f"mixture_of_depths layer {self.index}: the KV cache holds {past} tokens that this layer did not "
+                    "cache (a cache filled without the module, or reordered); prefill with the module attached"
                 )
+            real = valid & (roles.gather(1, index) != int(TokenRole.PAD))
             if past:
                 new = torch.cat([previous[:, None, None, :].expand(-1, 1, new.shape[2], -1), new], dim=-1)
-            ctx.scratch[slots_key] = real if previous is None else torch.cat([previous, real], dim=1)
+            setattr(slot, CACHED_SLOTS, real if previous is None else torch.cat([previous, real], dim=1))
         dtype = attention_mask.dtype if attention_mask is not None and attention_mask.is_floating_point() else torch.float32
         return _as_decoder_mask(new, attention_mask, self.implementation, dtype)
 
