@@ -347,7 +347,7 @@ def test_two_rank_zero3_steps_with_a_text_only_rank(demo_data, tmp_path):
         result = json.loads((tmp_path / f"mod_zero3.rank{rank}.json").read_text())
         assert result["step"] == 2 and result["finite"], (rank, result)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert any(row.get("aux/mod/retention/layer1") == 0.5 for row in rows), rows[-1]
+    assert any(row.get("objective/mod/retention/layer1") == 0.5 for row in rows), rows[-1]
 
 
 def test_eval_greedy_decode_matches_generate(tokenizer):
