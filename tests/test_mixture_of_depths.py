@@ -110,10 +110,14 @@ def test_top_k_per_sample_and_per_image():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_all_kept_with_zero_router_equals_dense_exactly(tokenizer, family, attn):
+@pytest.mark.parametrize("padding", [True, False])  # SDPA without padding: the decoder passes no mask (causal)
+def test_all_kept_with_zero_router_equals_dense_exactly(tokenizer, family, attn, padding):
     dense = dense_model(tokenizer, family, attn)
     mod = with_mod(dense, schedule="fixed", ratio=1.0)
-    batch = mixed_batch(dense, tokenizer)
+    if padding:
+        batch = mixed_batch(dense, tokenizer)
+    else:
+        batch = collate([example(dense, 1, 5, 0), example(dense, 1, 5, 3)], tokenizer.pad_token_id, dense.image_token_id)
     with torch.no_grad():
         expected, got = dense(batch).hidden_states, mod(batch).hidden_states
     mask = real(batch)
@@ -174,13 +178,18 @@ def test_compact_gather_equals_masked_full_sequence_reference(tokenizer, family,
         groups = (image.cumsum(-1) - 1) // dense.tokens_per_image + 100 * torch.arange(3)[:, None] if per_image else batch.sequence_ids
         skip = image & ~select_top_k(logits, image, groups, 0.5)
         w = weights_of(layer, x)
-        # reference: the full sequence, skipped tokens removed from every query's keys, STRing on the MLP
+        # reference: the full sequence, skipped tokens removed from every query's keys; STRing from the
+        # plain layer's output and its MLP's: h + w * m = (h + m) + (w - 1) * m
         mask = kw["attention_mask"].clone()
         mask = mask.masked_fill(skip[:, None, None, :], torch.finfo(mask.dtype).min)
-        ctx.scratch[f"{layer.key}/weights"] = torch.where(image & ~skip, w, 1.0)[..., None]
-        with context.activate(ctx):
-            ref = layer.base_layer(x, attention_mask=mask, position_ids=kw["position_ids"],
-                                   position_embeddings=kw["position_embeddings"])
+        mlp_out = {}
+        handle = layer.base_layer.mlp.register_forward_hook(lambda m, args, out: mlp_out.update(m=out))
+        with context.activate(ctx):  # a fresh context: the module's own MLP hook does not scale
+            plain = layer.base_layer(x, attention_mask=mask, position_ids=kw["position_ids"],
+                                     position_embeddings=kw["position_embeddings"])
+        handle.remove()
+        kept_image = (image & ~skip)[..., None]
+        ref = torch.where(kept_image, plain + (w[..., None] - 1) * mlp_out["m"], plain)
         ref = torch.where(skip[..., None], w[..., None] * x, ref)
     keep_rows = real(batch)
     assert skip.any() and (image & ~skip).any()
@@ -204,7 +213,8 @@ def test_router_gets_gradient_from_skipped_alone_and_from_kept_alone(tokenizer):
 
 def test_packed_equals_unpacked(tokenizer):
     dense = dense_model(tokenizer, attn="sdpa")
-    mod = with_mod(dense, randomise=0.5, schedule="fixed", ratio=0.5)
+    # floor(16 * 0.3) + floor(32 * 0.3) = 13 per sample, but floor(48 * 0.3) = 14 for their packed row
+    mod = with_mod(dense, randomise=0.5, schedule="fixed", ratio=0.3)
     samples = [example(dense, 1, 5, 0), example(dense, 2, 4, 1), example(dense, 1, 7, 2)]
     unpacked = collate(samples, tokenizer.pad_token_id, dense.image_token_id)
     packed = collate_rows([samples[:2], samples[2:]], tokenizer.pad_token_id, dense.image_token_id)
