@@ -75,6 +75,11 @@ class TechniqueModule(ABC):
         run once per chosen expert); counted x2 (forward and input gradient)."""
         return 0.0
 
+    def layer_tokens(self, model: "MultimodalLM", batch) -> dict[int, tuple[int, int]]:
+        """Decoder layers the module runs on fewer tokens than `batch` holds: {layer index: (real tokens,
+        row length)} (the FLOP count then counts those layers over what they ran). Default: none."""
+        return {}
+
     @classmethod
     def example_options(cls, workdir) -> dict:
         """Options that run on the tests' tiny model (the composition test runs every allowed pair

@@ -23,10 +23,12 @@ checkpointing (that is hardware FLOPs, not model FLOPs), elementwise work (norms
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from torch import nn
+
+from llava_train.modules.base import TechniqueModule
 
 MATMULS = (nn.Linear, nn.Conv2d)
 
@@ -37,13 +39,17 @@ class StepFlops:
 
     Attached modules add the forward FLOPs per LM token they declare (`flops_per_token`: experts,
     routers; work outside plain Linear layers, which the walk over matmuls cannot see), x3 when
-    they train (forward, input gradient, weight gradient), x2 when frozen.
+    they train (forward, input gradient, weight gradient), x2 when frozen. A module that runs some
+    decoder layers on fewer tokens (mixture-of-depths) says so per batch (`layer_tokens`), and
+    `for_batch` counts those layers over the tokens they ran.
     """
 
     lm_per_token: float  # decoder weights
     lm_per_token_per_key: float  # decoder attention, per position of the row attended over
     head_per_supervised_token: float  # LM head, at supervised positions only
     per_image: float  # vision tower + connector
+    per_layer_token: tuple[float, ...] = ()  # each decoder layer's share of lm_per_token
+    layer_tokens: Callable | None = field(default=None, compare=False)  # batch -> {layer: (tokens, row length)}
 
     @classmethod
     def for_model(cls, model) -> "StepFlops":
@@ -51,7 +57,10 @@ class StepFlops:
         image, grad_out = _image_flops(model)
         lm_cfg = model.lm.config
         decoder = model.decoder
-        per_token, grad_out = _walk_matmuls([decoder], grad_in=grad_out)
+        found = _matmuls([decoder], grad_in=grad_out)
+        per_token = sum(_weight_flops(sub.weight, reached) for sub, reached in found)
+        per_layer = _per_layer(decoder, found)
+        grad_out = grad_out or _trains(decoder)
         per_token += _module_flops(model)
         head = model.output_embeddings.weight
         return cls(
@@ -59,15 +68,47 @@ class StepFlops:
             lm_per_token_per_key=_attention(lm_cfg.num_hidden_layers, _attention_width(lm_cfg), grad_out),
             head_per_supervised_token=_weight_flops(head, grad_out),
             per_image=image,
+            per_layer_token=per_layer,
+            layer_tokens=_layer_tokens(model),
         )
 
-    def lm(self, tokens: int, row_len: int, supervised_tokens: int) -> float:
-        """`tokens` real (non-padding) tokens in rows of `row_len`; the head runs on `supervised_tokens`."""
+    def lm(self, tokens: int, row_len: int, supervised_tokens: int, layer_tokens: dict | None = None) -> float:
+        """`tokens` real (non-padding) tokens in rows of `row_len`; the head runs on `supervised_tokens`;
+        `layer_tokens` {layer: (tokens, row length)} for layers that ran on fewer tokens."""
         per_token = self.lm_per_token + self.lm_per_token_per_key * row_len
-        return per_token * tokens + self.head_per_supervised_token * supervised_tokens
+        flops = per_token * tokens + self.head_per_supervised_token * supervised_tokens
+        per_key = self.lm_per_token_per_key / max(len(self.per_layer_token), 1)
+        for layer, (layer_tokens_run, layer_row_len) in (layer_tokens or {}).items():
+            weights = self.per_layer_token[layer]
+            flops += (weights + per_key * layer_row_len) * layer_tokens_run - (weights + per_key * row_len) * tokens
+        return flops
+
+    def for_batch(self, batch) -> float:
+        """The LM's FLOPs for one micro-batch, as its attached modules ran it."""
+        layers = self.layer_tokens(batch) if self.layer_tokens is not None else None
+        return self.lm(batch.num_tokens, batch.input_ids.shape[1], batch.num_supervised_tokens, layers)
 
     def vision(self, images: int) -> float:
         return self.per_image * images
+
+
+def _per_layer(decoder: nn.Module, found: list[tuple[nn.Module, bool]]) -> tuple[float, ...]:
+    """Each decoder layer's matmul FLOPs per token (from the walk, so with the same gradient flags)."""
+    layers = getattr(decoder, "layers", [])
+    layer_of = {id(sub): index for index, layer in enumerate(layers) for sub in layer.modules()}
+    flops = [0.0] * len(layers)
+    for sub, reached in found:
+        if id(sub) in layer_of:
+            flops[layer_of[id(sub)]] += _weight_flops(sub.weight, reached)
+    return tuple(flops)
+
+
+def _layer_tokens(model) -> Callable | None:
+    """batch -> {decoder layer: (tokens, row length)} merged over the attached modules that declare any."""
+    modules = getattr(model, "attachments", [])
+    if not any(type(m).layer_tokens is not TechniqueModule.layer_tokens for m in modules):
+        return None
+    return lambda batch: {k: v for m in modules for k, v in m.layer_tokens(model, batch).items()}
 
 
 def _module_flops(model) -> float:

@@ -306,9 +306,7 @@ class Trainer:
             **_mean_over_ranks({f"aux/{k}": v for k, v in aux_totals.items()}),
             **_mean_over_ranks({f"objective/{k}": v for k, v in objective_metrics.items()}),
         }
-        flops_lm = sum(
-            self.flops.lm(b.num_tokens, b.input_ids.shape[1], b.num_supervised_tokens) for b in micro_batches
-        )
+        flops_lm = sum(self.flops.for_batch(b) for b in micro_batches)
         flops_vision = self.flops.vision(images)
         metrics["mfu"] = (flops_lm + flops_vision) / step_time / peak_flops
         metrics["mfu_lm_only"] = flops_lm / step_time / peak_flops

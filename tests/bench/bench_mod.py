@@ -1,0 +1,135 @@
+"""Dense SFT against p-MoD SFT (mixture_of_depths, recipes/mod/demo_mod.yaml) from one pretrain checkpoint.
+
+    python tests/bench/bench_mod.py [--workdir runs/bench_mod] [--pretrain-steps 120] [--sft-steps 200]
+                                    [--num-train 3000] [--num-eval 200] [--threads 2]
+
+One run, side by side: held-out accuracy per question type, the median training step time (steps after the
+first 5, from metrics.jsonl), inference prefill FLOPs of the LM (StepFlops with every weight frozen: a forward
+only, counting what each layer ran) and the KV cache after prefill (real cached slots summed over layers), both
+over the held-out prompts one by one. The demo data is built here with explicit parameters (the demo's own
+defaults may change). Prints a table and writes WORKDIR/bench_mod.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+VARIANTS = {"dense": REPO / "recipes/demo/sft.yaml", "p-MoD": REPO / "recipes/mod/demo_mod.yaml"}
+
+
+def train(recipe_path: Path, workdir: Path, stage: str, data_stage: str, steps: int, extra: list[str]):
+    from llava_train.demo import demo_overrides
+    from llava_train.recipe import load_recipe
+    from llava_train.train.trainer import Trainer
+
+    overrides = demo_overrides(workdir, data_stage, steps) + [f"train.output_dir={workdir / stage}"] + extra
+    overrides += ["data.eval=[]", "train.eval_every=0"]
+    return Trainer(load_recipe(recipe_path, overrides)).train()
+
+
+def median_step_time(output_dir: Path, skip: int = 5) -> float:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [row["step_time_s"] for row in rows if "step_time_s" in row and row["step"] > skip]
+    return statistics.median(times)
+
+
+def prefill_costs(checkpoint: Path, eval_dir: Path, limit: int) -> dict:
+    """LM prefill FLOPs (forward only) and real KV-cache slots over `limit` held-out prompts, one per batch."""
+    import torch
+
+    from llava_train.data.collate import collate
+    from llava_train.evaluate.checkpoint import encode_questions, resolve_prompting
+    from llava_train.evaluate.questions import read_records
+    from llava_train.model import context
+    from llava_train.model.io import load_any
+    from llava_train.modules.mixture_of_depths import CACHED_SLOTS
+    from llava_train.train.flops import StepFlops
+
+    model, tokenizer = load_any(checkpoint)
+    model.eval().requires_grad_(False)  # StepFlops then counts one forward pass
+    flops = StepFlops.for_model(model)
+    records = read_records([f"{eval_dir}/shard-*.tar"], limit)
+    questions, _, _ = encode_questions(records, resolve_prompting(checkpoint), tokenizer, model)
+    lm_flops = kv_slots = tokens = 0
+    for question in questions:
+        batch = collate([question.example], tokenizer.pad_token_id, model.image_token_id)
+        lm_flops += flops.for_batch(batch)
+        tokens += batch.num_tokens
+        with torch.no_grad(), context.activate(model.forward_context(batch)):
+            out = model.lm(inputs_embeds=model.embed(batch), attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
+        for layer in out.past_key_values.layers:
+            real = getattr(layer, CACHED_SLOTS, None)
+            kv_slots += int(real.sum()) if real is not None else layer.get_seq_length()
+    return {"prompts": len(questions), "prompt_tokens": tokens, "lm_prefill_flops": lm_flops, "kv_slots": kv_slots,
+            "vision_flops_per_image": flops.vision(1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="runs/bench_mod")
+    parser.add_argument("--pretrain-steps", type=int, default=120)
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--num-train", type=int, default=3000)
+    parser.add_argument("--num-eval", type=int, default=200)
+    parser.add_argument("--prefill-prompts", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from data_tools.demo_data import build_demo_data
+    from llava_train.demo import evaluate_accuracy
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    start = time.perf_counter()
+    build_demo_data(workdir / "data", num_train=args.num_train, num_eval=args.num_eval, image_size=64, seed=0,
+                    samples_per_shard=250)
+    pretrain = train(REPO / "recipes/demo/pretrain.yaml", workdir, "pretrain", "pretrain", args.pretrain_steps, [])
+    results = {}
+    for name, recipe in VARIANTS.items():
+        stage = f"sft_{name.lower().replace('-', '')}"
+        run = train(recipe, workdir, stage, "sft", args.sft_steps, [f"stage.init_from={pretrain.checkpoint}"])
+        report = evaluate_accuracy(run.checkpoint, workdir / "data" / "eval", template="vicuna_v1")
+        results[name] = {
+            "accuracy": report["accuracy"],
+            "eval_questions": report["eval_questions"],
+            "final_loss": run.last_loss,
+            "step_time_s": median_step_time(workdir / stage),
+            **prefill_costs(Path(run.checkpoint), workdir / "data" / "eval", args.prefill_prompts),
+        }
+    dense, mod = results["dense"], results["p-MoD"]
+    ratios = {
+        "step_time": mod["step_time_s"] / dense["step_time_s"],
+        "lm_prefill_flops": mod["lm_prefill_flops"] / dense["lm_prefill_flops"],
+        "kv_cache": mod["kv_slots"] / dense["kv_slots"],
+    }
+    out = {"args": vars(args), "results": results, "ratios": ratios, "wall_s": round(time.perf_counter() - start, 1)}
+    (workdir / "bench_mod.json").write_text(json.dumps(out, indent=2))
+    print_table(results, ratios)
+
+
+def print_table(results: dict, ratios: dict) -> None:
+    qtypes = sorted(results["dense"]["accuracy"])
+    print(f"\n{'':<22}" + "".join(f"{name:>12}" for name in results) + f"{'p-MoD/dense':>14}")
+    for qtype in qtypes:
+        print(f"{'accuracy ' + qtype:<22}" + "".join(f"{r['accuracy'][qtype]:>12.1%}" for r in results.values()))
+    print(f"{'final train loss':<22}" + "".join(f"{r['final_loss']:>12.3f}" for r in results.values()))
+    rows = [("step time (s)", "step_time_s", "step_time"), ("LM prefill GFLOPs", "lm_prefill_flops", "lm_prefill_flops"),
+            ("KV cache slots", "kv_slots", "kv_cache")]
+    for label, key, ratio in rows:
+        scale = 1e-9 if key == "lm_prefill_flops" else 1
+        values = "".join(f"{r[key] * scale:>12.3f}" for r in results.values())
+        print(f"{label:<22}{values}{ratios[ratio]:>14.3f}")
+
+
+if __name__ == "__main__":
+    main()
