@@ -163,22 +163,59 @@ def test_trains_packed_with_a_budget_per_step_and_resumes_exactly(demo_data, tmp
         assert len(set(budgets)) > 1  # drawn per step
 
 
-def test_generate_at_any_budget_and_refuses_an_invalid_one(demo_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def mqt_checkpoint(demo_data, tmp_path_factory):
+    recipe = tiny_recipe_dict(demo_data, tmp_path_factory.mktemp("mqt"), max_steps=1)
+    recipe["model"]["connector"] = {"type": "matryoshka_query", "options": {"num_queries": 16, "heads": 4}}
+    recipe["data"]["eval"] = []
+    return Trainer(validate_recipe(recipe)).train().checkpoint
+
+
+def test_generate_at_any_budget_and_refuses_an_invalid_one(mqt_checkpoint, tmp_path):
     from PIL import Image
 
     from llava_train.cli import main
 
-    recipe = tiny_recipe_dict(demo_data, tmp_path / "run", max_steps=1)
-    recipe["model"]["connector"] = {"type": "matryoshka_query", "options": {"num_queries": 16, "heads": 4}}
-    recipe["data"]["eval"] = []
-    checkpoint = Trainer(validate_recipe(recipe)).train().checkpoint
     image = tmp_path / "a.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
-    base = ["generate", str(checkpoint), "--image", str(image), "--prompt", "What colour?", "--max-new-tokens", "3"]
+    base = ["generate", str(mqt_checkpoint), "--image", str(image), "--prompt", "What colour?", "--max-new-tokens", "3"]
     for m in ("1", "4", "16"):
         assert main(base + ["--visual-tokens", m]) == 0
     with pytest.raises(ValueError, match="visual budget 5 is not one this connector offers"):
         main(base + ["--visual-tokens", "5"])
+
+
+def test_eval_at_a_budget_and_a_budget_sweep(mqt_checkpoint, demo_data, tmp_path, capsys, monkeypatch):
+    from llava_train.cli import main
+    from llava_train.modules.matryoshka import MatryoshkaQueryConnector
+
+    emitted = []  # visual tokens per image of every connector call: the budget reaches the model
+    forward = MatryoshkaQueryConnector.forward
+    monkeypatch.setattr(MatryoshkaQueryConnector, "forward",
+                        lambda self, *a, **k: emitted.append(forward(self, *a, **k).shape[1]) or forward(self, *a, **k))
+    base = ["eval", str(mqt_checkpoint), "--data", str(demo_data / "eval" / "shard-*.tar"), "--limit", "8",
+            "--max-new-tokens", "2", "--by", "qtype"]
+    assert main(base + ["--visual-tokens", "4", "--out", str(tmp_path / "one")]) == 0
+    assert set(emitted) == {4}
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert single["visual_budget"] == 4 and single["visual_tokens"] == 4 and single["num"] == 8
+    capsys.readouterr()
+    emitted.clear()
+    assert main(base + ["--visual-tokens", "1,4,16", "--out", str(tmp_path / "sweep")]) == 0
+    assert set(emitted) == {1, 4, 16}
+    table = capsys.readouterr().out.splitlines()
+    qtypes = sorted(single["by"]["qtype"])
+    assert table[0].split() == ["budget", "tokens", "all", *[f"qtype={q}" for q in qtypes]]
+    assert [line.split()[:2] for line in table[1:4]] == [["1", "1"], ["4", "4"], ["16", "16"]]
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [s["visual_budget"] for s in sweep] == [1, 4, 16]
+    at4 = json.loads((tmp_path / "sweep" / "budget4" / "summary.json").read_text())
+    assert at4["accuracy"] == single["accuracy"] and at4["by"] == single["by"]  # the same answers as alone
+    assert f"{at4['accuracy']:.1%}" == table[2].split()[2]
+    assert main(base + ["--visual-tokens", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "visual budget 5 is not one this connector offers (valid budgets: [1, 2, 4, 8, 16]" in capsys.readouterr().err
+    assert main(base + ["--visual-tokens", "all", "--out", str(tmp_path / "all")]) == 0
+    assert [s["visual_budget"] for s in json.loads((tmp_path / "all" / "sweep.json").read_text())] == [1, 2, 4, 8, 16]
 
 
 @pytest.mark.slow
