@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--template", default=None, help="only when the checkpoint does not record its template")
     ev.add_argument("--limit", type=int, default=None, help="the first N samples only")
     ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ev.add_argument("--visual-tokens", type=_budget_list, default=None,
+                    help="a Matryoshka connector's visual tokens per image (default: its full count); several "
+                    "(1,4,16,64) or `all` it offers: a budget sweep, accuracy per budget x --by field")
 
     bench = sub.add_parser("bench", help="time a few steps of a recipe and split the step time")
     bench.add_argument("recipe")
@@ -195,21 +198,35 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from llava_train.evaluate.answer import EvalOptions
-    from llava_train.evaluate.checkpoint import evaluate_checkpoint, print_summary
+    from llava_train.evaluate.checkpoint import evaluate_budgets, print_summary, print_sweep
     from llava_train.evaluate.questions import EvalInputError
 
     options = EvalOptions(args.batch_size, args.max_new_tokens, tuple(args.by))
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    budgets = args.visual_tokens or [None]
     try:
-        summary = evaluate_checkpoint(
-            args.checkpoint, args.data, options, out, args.template, args.limit, args.device,
+        summaries = evaluate_budgets(
+            args.checkpoint, args.data, options, budgets, out, args.template, args.limit, args.device,
             progress=sys.stderr.isatty(),
         )
     except (EvalInputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_summary(summary, out)
+    if len(summaries) == 1:
+        print_summary(summaries[0], out)
+    else:
+        print_sweep(summaries, out)
     return 0
+
+
+def _budget_list(text: str) -> list[int] | str:
+    """`16`, `1,4,16,64` or `all`."""
+    if text == "all":
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, numbers separated by commas, or `all`; got {text!r}")
 
 
 if __name__ == "__main__":

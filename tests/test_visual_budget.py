@@ -20,7 +20,7 @@ from torch import nn
 from llava_train.data import pipeline
 from llava_train.data.batch import IGNORE_INDEX, Example, TokenRole
 from llava_train.data.batching import BatchingConfig, PlannedBatch, plan, plan_window, row_length
-from llava_train.data.collate import collate, collate_planned, collate_rows
+from llava_train.data.collate import collate, collate_planned, collate_rows, relayout
 from llava_train.data.encode import SampleEncoder
 from llava_train.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
 from llava_train.data.templates import get_template
@@ -188,6 +188,25 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients_at_each_budget(token
     # the budget reaches the connector: another budget gives other losses
     other = collate_rows([examples[:2], examples[2:]], pad, image_id, tokens_per_image=4, visual_budget=4)
     assert not torch.allclose(per_sample_losses(model, other), together)
+
+
+@pytest.mark.parametrize("rows", [[[0], [1], [2], [3]], [[0, 1], [2, 3]], [[2, 0, 1], [3]]], ids=["unpacked", "packed", "packed3"])
+def test_relayout_gives_the_batch_collate_makes_at_the_other_budget(tokenizer, rows):
+    model = make_model(tokenizer)
+    examples = compact_examples(model, tokenizer)  # "c" has two images back to back: spans abut
+    rows = [[examples[i] for i in row] for row in rows]
+    pad, image_id = tokenizer.pad_token_id, model.image_token_id
+    for old, new in ((16, 4), (16, 1), (4, 16), (1, 1)):
+        source = collate_rows(rows, pad, image_id, tokens_per_image=old, visual_budget=old)
+        expected = collate_rows(rows, pad, image_id, tokens_per_image=new, visual_budget=new)
+        got = relayout(source, old, new, new, pad)
+        for name, value in vars(expected).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(got, name), value), (old, new, name)
+            else:
+                assert getattr(got, name) == value, (old, new, name)
+    with pytest.raises(ValueError, match="has 4 image tokens, not 4 images x 4"):
+        relayout(source, 4, 1, 1, pad)
 
 
 # ----------------------------------------------------------------------------- (d) token budgets per step

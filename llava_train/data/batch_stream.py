@@ -135,7 +135,8 @@ class BatchStream(IterableDataset):
         """What the budgets depend on; only for a connector whose count varies (else the state is as before)."""
         if self.budgets is None or not self.budgets.tokens.varies:
             return {}
-        return {"visual_tokens": asdict(self.budgets.tokens), "grad_accum": self.budgets.grad_accum}
+        spec = {k: v for k, v in asdict(self.budgets.tokens).items() if k != "average" or v}  # older states lack it
+        return {"visual_tokens": spec, "grad_accum": self.budgets.grad_accum}
 
     def load_state_dict(self, state: dict) -> None:
         mine = {**asdict(self.cfg), **self._budget_setup()}

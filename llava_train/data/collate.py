@@ -8,16 +8,22 @@ ignored, so the last token of one sample never learns to predict the first of th
 Compact image spans (see `Example`) are expanded here to `tokens_per_image`, the count of
 the micro-batch's visual budget, which the Batch records as `visual_budget`. Consecutive
 members of one group (a preference pair) share a `group_index`.
+
+`relayout` turns a collated batch into the one collate would have made at another visual
+budget (image spans resized, positions and padding redone), for a loss averaged over budgets.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 
 from llava_train.data.batch import IGNORE_INDEX, Batch, Example, TokenRole
 from llava_train.data.encode import SampleEncoder
 
-__all__ = ["SampleEncoder", "collate", "collate_planned", "collate_rows"]
+__all__ = ["SampleEncoder", "collate", "collate_planned", "collate_rows", "relayout"]
 
 
 def collate(examples: list[Example], pad_token_id: int, image_token_id: int, **budget) -> Batch:
@@ -98,3 +104,35 @@ def group_indices(examples: list[Example]) -> list[int]:
         previous = example.group
         out.append(group)
     return out
+
+
+def relayout(batch: Batch, old_tokens: int, new_tokens: int, visual_budget: int | None, pad_token_id: int) -> Batch:
+    """A right-padded batch whose image spans hold `old_tokens` tokens each, as collate would lay it out with
+    `new_tokens` per span at `visual_budget`: every span resized (its first token repeated, the rest dropped;
+    image tokens carry no label), positions restarted per sample, rows re-padded. Pixels are unchanged."""
+    roles = batch.token_roles.long()
+    image = roles == int(TokenRole.IMAGE)
+    images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+    if int(image.sum()) != images * old_tokens:
+        raise ValueError(f"the batch has {int(image.sum())} image tokens, not {images} images x {old_tokens}")
+    # Index of each image token within its run of image tokens (consecutive spans, e.g. AnyRes tiles, abut).
+    at = torch.arange(roles.shape[1], device=roles.device).expand_as(roles)
+    run_start = torch.where(image, -1, at).cummax(dim=1).values + 1
+    span_first = image & ((at - run_start) % old_tokens == 0)
+    repeats = torch.where(image, span_first.long() * new_tokens, (roles != int(TokenRole.PAD)).long())
+    fields = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "token_roles": int(TokenRole.PAD), "sequence_ids": -1}
+    rows = {name: [t.repeat_interleave(r) for t, r in zip(getattr(batch, name), repeats)] for name in fields}
+    width = max(len(row) for row in rows["input_ids"])
+    out = {
+        name: torch.stack([F.pad(row, (0, width - len(row)), value=fill) for row in rows[name]])
+        for name, fill in fields.items()
+    }
+    sequence_ids = out["sequence_ids"]
+    real = sequence_ids >= 0
+    # Positions restart at each sample's first token: subtract the index where its sequence id began.
+    at = torch.arange(width, device=roles.device).expand_as(sequence_ids)
+    begins = torch.ones_like(real)
+    begins[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    start = torch.where(begins, at, 0).cummax(dim=1).values
+    out["position_ids"] = torch.where(real, at - start, 0)
+    return dataclasses.replace(batch, **out, attention_mask=real.long(), visual_budget=visual_budget)

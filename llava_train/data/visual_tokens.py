@@ -8,6 +8,9 @@ count (`mlp`: one token per patch) offers no budgets.
 
 Each training step draws its budget from (seed, step), or (seed, step, rank) when
 `per_rank`, with a stable hash: the same on every run, after any resume, in any process.
+With `average`, no draw: every step is planned at the budget with the most tokens, and the
+objective's loss is the mean over all budgets, one forward each on the batch re-laid out
+(objectives/budget_average.py), so every budget trains on every batch.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class VisualTokens:
     budgets: tuple[int, ...] = ()  # the budgets a training step may draw; empty: a fixed count
     tokens: tuple[int, ...] = ()  # tokens per image at each of `budgets`
     per_rank: bool = False  # each rank draws its own budget (else all ranks share the step's)
+    average: bool = False  # train every budget on each batch (mean loss) instead of drawing one per step
 
     def __post_init__(self):
         object.__setattr__(self, "budgets", tuple(self.budgets))
@@ -47,6 +51,10 @@ class VisualTokens:
         """The most tokens any budget emits: what truncation plans for."""
         return max((self.full, *self.tokens))
 
+    @property
+    def largest_budget(self) -> int | None:
+        return max(self.budgets, key=self.num_tokens) if self.budgets else None
+
     def num_tokens(self, budget: int | None) -> int:
         if budget is None:
             return self.full
@@ -62,5 +70,7 @@ class VisualTokens:
         """The budget training step `step` uses; None for a fixed count."""
         if not self.budgets:
             return None
+        if self.average:  # planned for the largest count: re-laid out smaller, every row still fits
+            return self.largest_budget
         key = (seed, "visual_budget", step, rank) if self.per_rank else (seed, "visual_budget", step)
         return rng(*key).choice(self.budgets)

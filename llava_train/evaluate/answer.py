@@ -41,8 +41,11 @@ class Evaluator:
         device: torch.device | str = "cpu",
         autocast: bool = False,
         lockstep: bool = False,
+        visual_budget: int | None = None,
     ):
         self.model = model
+        self.visual_budget = visual_budget  # a Matryoshka connector's budget; None: its full count
+        self.tokens_per_image = model.connector.visual_tokens().num_tokens(visual_budget)  # refuses a bad one
         self.tokenizer = tokenizer
         self.template = template
         self.device = torch.device(device)
@@ -77,7 +80,8 @@ class Evaluator:
         return rows
 
     def _decode(self, examples: list[Example], max_new_tokens: int) -> list[list[int]]:
-        batch = collate(examples, self.pad_id, self.model.image_token_id).to(self.device)
+        budget = {"tokens_per_image": self.tokens_per_image, "visual_budget": self.visual_budget}
+        batch = collate(examples, self.pad_id, self.model.image_token_id, **budget).to(self.device)
         keep_going = self._any_rank if self.lockstep else (lambda local: local)
         with torch.autocast(self.device.type, torch.bfloat16) if self.autocast else contextlib.nullcontext():
             return greedy_decode(

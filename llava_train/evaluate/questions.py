@@ -79,7 +79,8 @@ class QuestionEncoder:
         start = _last_answer_start(example.labels)
         if start > self.max_length:
             raise BadSample("over-long", f"the prompt has {start} tokens, over max_length={self.max_length}")
-        prompt = Example(example.input_ids[:start], [IGNORE_INDEX] * start, example.images, example.key, example.meta)
+        prompt = Example(example.input_ids[:start], [IGNORE_INDEX] * start, example.images, example.key, example.meta,
+                         image_slots=example.image_slots)  # compact spans (a Matryoshka connector): sized at decode
         reference, question = _last_answer_and_question(raw)
         return Question(prompt, question, reference, example.meta)
 

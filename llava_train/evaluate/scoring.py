@@ -105,3 +105,17 @@ def format_table(summary: dict) -> str:
 
 def _row(label: str, stats: dict) -> str:
     return f"{label:<24} {stats['accuracy']:>9.1%} {stats['correct']:>8} {stats['num']:>6}"
+
+
+def format_sweep(summaries: list[dict]) -> str:
+    """Accuracy per visual budget (rows) overall and per breakdown value (columns), from per-budget summaries."""
+    columns = [(name, value) for name, groups in summaries[0]["by"].items() for value in groups]
+    labels = [f"{name}={value}" for name, value in columns]
+    width = max([8, *map(len, labels)])
+    lines = [f"{'budget':>8} {'tokens':>7} {'all':>{width}} " + " ".join(f"{label:>{width}}" for label in labels)]
+    for summary in summaries:
+        cells = [summary["accuracy"]] + [summary["by"][name].get(value, {}).get("accuracy") for name, value in columns]
+        budget = "full" if summary["visual_budget"] is None else summary["visual_budget"]
+        text = " ".join(f"{c:>{width}.1%}" if c is not None else f"{'-':>{width}}" for c in cells)
+        lines.append(f"{budget!s:>8} {summary['visual_tokens']:>7} {text}")
+    return "\n".join(lines)

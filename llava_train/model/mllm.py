@@ -46,7 +46,8 @@ class MultimodalLM(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.connector.num_output_tokens
+        """At the connector's full budget (every connector answers `visual_tokens()`; not all have a fixed count)."""
+        return self.connector.visual_tokens().full
 
     @property
     def output_embeddings(self) -> nn.Module:

@@ -4,7 +4,9 @@ MQT-LLaVA: M learnable latent queries cross-attend to the tower's patch features
 with the first m of them (m drawn per step), so at inference any m <= M works, and m = 16 keeps
 most of the accuracy at a fraction of the LM's FLOPs. There is no self-attention between queries,
 so the outputs for budget m are a prefix of those for any larger budget. M3: the `mlp` connector's
-patch tokens are average-pooled to nested grids (24x24 -> 12x12 -> 6x6 -> 3x3 -> 1x1 for CLIP-L/336).
+patch tokens are average-pooled to nested grids (24x24 -> 12x12 -> 6x6 -> 3x3 -> 1x1 for CLIP-L/336);
+a step trains one scale drawn per step (`scale_mode: sample`) or all of them, the loss their mean
+(`scale_mode: average`, one LM forward per scale: objectives/budget_average.py).
 
 Seam: connectors (`visual_tokens()` with budgets, `forward(features, budget)`); the data pipeline
 draws the step's budget from (seed, step) and sizes, packs and expands image spans for it
@@ -44,6 +46,9 @@ class QueryOptions(_Options):
 
 class PoolOptions(_Options):
     scales: list[int] | None = None  # tokens per image at each scale (squares tiling the grid); default: all such
+    # sample: one scale per step, drawn like MQT's budget; average: every scale on every batch, the loss their
+    # mean (one LM forward per scale: objectives/budget_average.py)
+    scale_mode: Literal["sample", "average"] = "sample"
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -148,7 +153,8 @@ class MatryoshkaPoolConnector(MLPConnector):
         bad = [s for s in scales if s not in valid]
         if bad:
             raise ValueError(f"matryoshka_pool scales {bad} do not tile the {grid}x{grid} patch grid; valid: {valid}")
-        self.spec = VisualTokens(full=num_features, budgets=tuple(scales), tokens=tuple(scales), per_rank=opts.per_rank)
+        self.spec = VisualTokens(full=num_features, budgets=tuple(scales), tokens=tuple(scales), per_rank=opts.per_rank,
+                                 average=opts.scale_mode == "average")
 
     @classmethod
     def check_options(cls, options: dict, grid: int | None) -> None:

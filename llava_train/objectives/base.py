@@ -124,6 +124,9 @@ objective_class = OBJECTIVES.lookup
 
 
 def build_objective(spec: dict, build: BuildContext) -> Objective:
+    """The stage's objective; averaged over visual budgets when the connector asks (budget_average.py)."""
+    from llava_train.objectives.budget_average import averaged_if_asked
+
     spec = dict(spec)
     cls = objective_class(spec.pop("type"))
-    return cls(cls.Options.model_validate(spec), build)
+    return averaged_if_asked(cls(cls.Options.model_validate(spec), build), build.model, build.tokenizer.pad_token_id)
