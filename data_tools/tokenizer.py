@@ -7,6 +7,7 @@ template are special tokens, so any template works with the result.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -51,3 +52,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def pad_vocabulary(out_dir: str | Path, size: int) -> None:
+    """Grow a tokenizer saved by `train_tokenizer` to `size` ids with unused tokens (`<|unused_N|>`), so a
+    model with a real vocabulary size (Qwen2's 151936) has exactly one embedding row per id. No merge
+    makes the new tokens, so text encodes exactly as before."""
+    path = Path(out_dir) / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    if len(vocab) > size:
+        raise ValueError(f"{path} already has {len(vocab)} ids, more than the {size} asked for; ask for at least that")
+    next_id = max(vocab.values()) + 1
+    for index in range(size - next_id):
+        vocab[f"<|unused_{index}|>"] = next_id + index
+    path.write_text(json.dumps(spec, ensure_ascii=False))

@@ -66,15 +66,21 @@ def sequence_logprobs(
     bias: Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> Tensor:
     """Sum over t of log softmax(hidden[b, t] @ weight.T + bias)[labels[b, t]], per sequence -> [B] fp32.
 
     `labels` are aligned with `hidden` (the caller shifts: labels[b, t] is the token after
-    position t); positions labelled `ignore_index` are skipped before any matmul.
+    position t); positions labelled `ignore_index` are skipped before any matmul. A sequence is a
+    row, unless `sequence_ids` (shaped like `labels`) says which of `num_sequences` each position
+    belongs to (several per row when packed): then the result is `[num_sequences]`.
     """
-    batch = hidden.shape[0]
+    batch = hidden.shape[0] if sequence_ids is None else num_sequences
     keep = labels != ignore_index
-    seq_ids = torch.arange(batch, device=labels.device)[:, None].expand_as(labels)[keep]
+    if sequence_ids is None:
+        sequence_ids = torch.arange(batch, device=labels.device)[:, None].expand_as(labels)
+    seq_ids = sequence_ids[keep]
     rows = hidden[keep]  # [kept, D]; autograd scatters grad_hidden back to [B, T, D]
     dtype = compute_dtype_for(hidden, weight)
     return _SequenceLogprobs.apply(rows, weight, bias, labels[keep], seq_ids, batch, chunk_size, dtype)

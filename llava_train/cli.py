@@ -1,4 +1,4 @@
-"""`llava-train`: train, export, generate, demo.
+"""`llava-train`: train, export, generate, eval, demo, report.
 
 The same entry point serves `llava-train ...`, `torchrun -m llava_train ...` and the
 `deepspeed` launcher (whose `--local_rank` argument is accepted and ignored: the rank
@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--visual-tokens", type=int, default=None,
+                     help="visual tokens per image for a Matryoshka connector (default: its full count)")
+
+    ev = sub.add_parser("eval", help="answer held-out shard questions greedily; accuracy overall and per meta field")
+    ev.add_argument("checkpoint", help="a checkpoint folder (RUN/checkpoints/step-N) or an exported Llava folder")
+    ev.add_argument("--data", nargs="+", required=True, help="shard paths, globs or brace patterns")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--by", nargs="*", default=[], help="meta fields to break accuracy down by (e.g. qtype)")
+    ev.add_argument("--out", default=None, help="output folder (default CHECKPOINT/eval)")
+    ev.add_argument("--template", default=None, help="only when the checkpoint does not record its template")
+    ev.add_argument("--limit", type=int, default=None, help="the first N samples only")
+    ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
     bench = sub.add_parser("bench", help="time a few steps of a recipe and split the step time")
     bench.add_argument("recipe")
@@ -64,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("recipe", nargs="?", help="also check this recipe against the machine")
     env.add_argument("overrides", nargs="*")
     env.add_argument("--json", action="store_true")
+
+    report = sub.add_parser("report", help="an HTML page of a run: curves, throughput, data skips, evaluation")
+    report.add_argument("run_dir", help="a run folder (train.output_dir, holding metrics.jsonl)")
+    report.add_argument("--out", default=None, help="where to write the page (default RUN_DIR/report.html)")
 
     demo = sub.add_parser("demo", help="build the coloured-shapes data, train pretrain + sft, report accuracy")
     demo.add_argument("--workdir", default="runs/demo")
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "bench":
         from llava_train.bench import print_summary, run_bench
 
@@ -102,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         from data_tools.cli import run_data_command
 
         return run_data_command(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "demo":
         from llava_train.demo import run_demo
 
@@ -123,12 +144,13 @@ def _train(args) -> int:
         return 2
     from llava_train.train.checkpoint import CheckpointError
     from llava_train.train.faults import NonFiniteLossError
+    from llava_train.train.metrics import LoggerUnavailableError
     from llava_train.train.preemption import EXIT_PREEMPTED
     from llava_train.train.trainer import train
 
     try:
         result = train(recipe)
-    except (CheckpointError, FileNotFoundError, NonFiniteLossError) as exc:
+    except (CheckpointError, FileNotFoundError, NonFiniteLossError, LoggerUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
@@ -137,22 +159,47 @@ def _train(args) -> int:
     return EXIT_PREEMPTED if result.preempted else 0
 
 
-def _generate(args) -> int:
-    from pathlib import Path
+def _report(args) -> int:
+    from llava_train.report import ReportError, write_report
 
-    import yaml
+    try:
+        print(f"report: {write_report(args.run_dir, args.out)}")
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _generate(args) -> int:
     from PIL import Image
 
     from llava_train.generate import Answerer, DecodeOptions
-    from llava_train.model.io import load_model_files
 
-    model, tokenizer = load_model_files(args.checkpoint)
-    recipe_file = Path(args.checkpoint) / "recipe.yaml"
-    data = yaml.safe_load(recipe_file.read_text())["data"] if recipe_file.is_file() else {}
-    answerer = Answerer(model, tokenizer, data.get("template", "vicuna_v1"), data.get("image_mode", "pad"))
+    answerer = Answerer.from_checkpoint(args.checkpoint, visual_budget=args.visual_tokens)
     image = Image.open(args.image) if args.image else None
     options = DecodeOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(answerer.answer([args.prompt], [image], options)[0])
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from llava_train.evaluate.answer import EvalOptions
+    from llava_train.evaluate.checkpoint import evaluate_checkpoint, print_summary
+    from llava_train.evaluate.questions import EvalInputError
+
+    options = EvalOptions(args.batch_size, args.max_new_tokens, tuple(args.by))
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    try:
+        summary = evaluate_checkpoint(
+            args.checkpoint, args.data, options, out, args.template, args.limit, args.device,
+            progress=sys.stderr.isatty(),
+        )
+    except (EvalInputError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary, out)
     return 0
 
 

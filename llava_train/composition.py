@@ -14,6 +14,7 @@ import sys
 
 from pydantic import ValidationError
 
+from llava_train.model.connectors import CONNECTORS
 from llava_train.modules import MODULES, module_class
 from llava_train.objectives import OBJECTIVES, objective_class
 from llava_train.recipe import Recipe, RecipeError, describe_errors
@@ -34,6 +35,7 @@ def import_plugins(names: list[str], source: str = "<recipe>") -> None:
 
 def check_composition(recipe: Recipe, source: str = "<recipe>") -> None:
     """Validate module and objective options and every cross-section rule; RecipeError on the first problem."""
+    _check_connector(recipe, source)
     chosen: list[tuple[str, type, object]] = []  # (recipe path, class, validated options)
     for index, spec in enumerate(recipe.modules):
         chosen.append(_validated(f"modules[{index}]", spec, module_class, source))
@@ -55,6 +57,25 @@ def check_composition(recipe: Recipe, source: str = "<recipe>") -> None:
             cls.check_recipe(options, recipe)
         except ValueError as exc:
             raise RecipeError(f"{source}: {path} (`{cls.name}`): {exc}") from None
+
+
+def _check_connector(recipe: Recipe, source: str) -> None:
+    """The connector's type and options (its own `check_options`, given the tower's patch grid when the recipe
+    builds the tower from a config dict)."""
+    connector = recipe.model.connector
+    if connector.type not in CONNECTORS:
+        raise RecipeError(
+            f"{source}: `model.connector.type`: unknown connector `{connector.type}`; registered: {', '.join(sorted(CONNECTORS))}"
+        )
+    check = getattr(CONNECTORS[connector.type], "check_options", None)
+    if check is None:
+        return
+    vision = recipe.model.vision.config or {}
+    grid = vision["image_size"] // vision["patch_size"] if {"image_size", "patch_size"} <= vision.keys() else None
+    try:
+        check(connector.options, grid)
+    except (ValueError, ValidationError) as exc:
+        raise RecipeError(f"{source}: `model.connector.options` ({connector.type}): {exc}") from None
 
 
 def _validated(path: str, spec: dict, lookup, source: str):
@@ -111,6 +132,12 @@ def support_matrix() -> str:
             f"| `{cls.name}` | objective (normaliser: {cls.normaliser}) | - | - | {_names(cls.requires)} "
             f"| {_names(cls.conflicts)} | {getattr(cls, 'notes', '') or '-'} |"
         )
+    connectors = [name for name in sorted(CONNECTORS) if CONNECTORS[name].__module__.startswith("llava_train.")]
+    lines += ["", "## Connectors", "", "`model.connector.type`; each combines with every module and objective unless a technique's `check_recipe` refuses it.", ""]
+    lines += [
+        f"- `{name}` ({CONNECTORS[name].__module__.rsplit('.', 1)[-1]}.py): {CONNECTORS[name].__doc__.strip().splitlines()[0]}"
+        for name in connectors
+    ]
     lines += ["", "## Pairs", "", "Every module with every other module and every objective (an objective is always one per recipe).", ""]
     allowed, refused = allowed_pairs(modules, objectives)
     pairs = allowed + refused

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from llava_train.recipe import load_recipe
@@ -57,28 +56,18 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
 
 
 def evaluate_accuracy(checkpoint, eval_dir: Path, template: str, batch_size: int = 32) -> dict:
-    """Greedy answers on the held-out questions; exact match of the first answer word."""
-    from llava_train.data.images import decode_image
-    from llava_train.data.shards import ShardStream, expand_urls
-    from llava_train.generate import Answerer, DecodeOptions
-    from llava_train.model.io import load_model_files
+    """Greedy answers on the held-out questions, scored by `llava-train eval` (normalised exact
+    match) per question type; its predictions.jsonl and summary.json go to CHECKPOINT/eval."""
+    from llava_train.evaluate.answer import EvalOptions
+    from llava_train.evaluate.checkpoint import evaluate_checkpoint
 
-    model, tokenizer = load_model_files(checkpoint)
-    answerer = Answerer(model, tokenizer, template)
-    records = list(ShardStream(expand_urls([f"{eval_dir}/shard-*.tar"]), lambda raw: raw, shuffle=False, loop=False))
-    hits, totals = defaultdict(int), defaultdict(int)
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        questions = [r["json"]["conversations"][0]["value"].replace("<image>", "").strip() for r in chunk]
-        images = [decode_image(r[r["json"]["images"][0]]) for r in chunk]
-        answers = answerer.answer(questions, images, DecodeOptions(max_new_tokens=6))
-        for record, answer in zip(chunk, answers):
-            meta = record["json"]["meta"]
-            words = answer.lower().replace(".", " ").split()
-            totals[meta["qtype"]] += 1
-            hits[meta["qtype"]] += int(bool(words) and words[0] == meta["answer"].lower())
-    accuracy = {qtype: hits[qtype] / totals[qtype] for qtype in sorted(totals)}
-    return {"accuracy": accuracy, "eval_questions": dict(totals)}
+    options = EvalOptions(batch_size=batch_size, max_new_tokens=6, by=("qtype",))
+    summary = evaluate_checkpoint(checkpoint, [f"{eval_dir}/shard-*.tar"], options, template=template, progress=False)
+    qtypes = summary["by"]["qtype"]
+    return {
+        "accuracy": {qtype: stats["accuracy"] for qtype, stats in qtypes.items()},
+        "eval_questions": {qtype: stats["num"] for qtype, stats in qtypes.items()},
+    }
 
 
 def print_report(report: dict) -> None:

@@ -17,7 +17,9 @@ from llava_train.data.collate import collate
 from llava_train.data.images import ImageProcessor
 from llava_train.data.templates import get_template
 from llava_train.model import context
+from llava_train.model.io import load_model_files
 from llava_train.model.mllm import MultimodalLM
+from llava_train.model.prompting import checkpoint_prompting
 
 
 @dataclass
@@ -29,20 +31,39 @@ class DecodeOptions:
 
 
 class Answerer:
-    def __init__(self, model: MultimodalLM, tokenizer, template: str = "vicuna_v1", image_mode: str = "pad"):
+    def __init__(
+        self,
+        model: MultimodalLM,
+        tokenizer,
+        template: str = "vicuna_v1",
+        image_mode: str = "pad",
+        system_prompt: str | None = None,
+        images: ImageProcessor | None = None,
+        visual_budget: int | None = None,
+    ):
         self.model = model.eval()
+        self.visual_budget = visual_budget  # a Matryoshka connector's tokens per image; None: its full count
+        self.tokens_per_image = model.connector.visual_tokens().num_tokens(visual_budget)  # refuses a bad budget
         self.tokenizer = tokenizer
-        self.template = get_template(template, tokenizer)
-        self.images = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
+        self.template = get_template(template, tokenizer, system_prompt)
+        self.images = images or ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, visual_budget: int | None = None) -> Answerer:
+        """The checkpoint's model, prompted with the template, system prompt and images it trained on."""
+        model, tokenizer = load_model_files(checkpoint)
+        how = checkpoint_prompting(checkpoint, model.vision.config)
+        return cls(model, tokenizer, how.template, how.image_mode, how.system_prompt, how.images, visual_budget)
 
     def prompt_batch(self, prompts: list[str], images: list[Image.Image | None]) -> Batch:
         """The questions as one left-padded batch (padding first, so every row ends where decoding starts)."""
         examples = []
         for prompt, image in zip(prompts, images):
-            ids = self.template.prompt_ids(prompt, self.model.tokens_per_image, has_image=image is not None)
+            ids = self.template.prompt_ids(prompt, self.tokens_per_image, has_image=image is not None)
             pixels = [self.images(image)] if image is not None else []
             examples.append(Example(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), images=pixels))
-        return left_padded(collate(examples, self.tokenizer.pad_token_id, self.model.image_token_id))
+        batch = collate(examples, self.tokenizer.pad_token_id, self.model.image_token_id)
+        return left_padded(dataclasses.replace(batch, visual_budget=self.visual_budget))
 
     def prompt_embeddings(self, prompts: list[str], images: list[Image.Image | None]):
         """Left-padded prompt embeddings and attention mask for a batch of questions."""

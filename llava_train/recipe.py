@@ -248,12 +248,19 @@ class TrainConfig(Section):
     deepspeed_config: str | None = None  # a JSON preset from launch/; recipe values win for batch/precision
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    # Generation eval (docs/evaluation.md): every N steps (and at the end), greedy answers to the first
+    # eval_generate_samples questions of data.eval, scored as `llava-train eval` scores them; 0 = off.
+    eval_generate_every: int = Field(0, ge=0)
+    eval_generate_samples: int = Field(64, gt=0)
+    eval_generate_max_new_tokens: int = Field(32, gt=0)
+    eval_generate_by: list[str] = Field(default_factory=list)  # meta fields to break accuracy down by
     save_every: int = Field(0, ge=0)  # 0 = only at the end
     keep_last: int = Field(2, ge=1)
     resume: str | None = None  # "auto" = newest complete checkpoint in output_dir, or a path
     progress_bar: bool = True
     sync_timing: bool = False  # synchronise the GPU at phase boundaries for exact step-time splits (bench)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars to OUTPUT/tensorboard (rank 0)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):
@@ -271,6 +278,14 @@ class Recipe(Section):
     stage: StageConfig = Field(default_factory=StageConfig)
     data: DataConfig
     train: TrainConfig
+
+    @model_validator(mode="after")
+    def _generation_eval_needs_eval_data(self):
+        if self.train.eval_generate_every and not self.data.eval:
+            raise ValueError(
+                "train.eval_generate_every needs held-out shards in data.eval; set data.eval or eval_generate_every=0"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

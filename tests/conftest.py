@@ -80,3 +80,13 @@ def tiny_recipe_dict(demo_data: Path, output_dir: Path, **train) -> dict:
             **train,
         },
     }
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_process_group_vars():
+    """An in-process Trainer makes this process a world of one by setting RANK, MASTER_PORT, ... in
+    os.environ; a later test's subprocess would inherit them and try to listen on the port this process's
+    gloo store still holds (EADDRINUSE). Drop them after each test (the process group itself stays)."""
+    yield
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)

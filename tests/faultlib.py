@@ -191,12 +191,12 @@ def fault_recipe(demo_data: Path, output_dir: Path, **train) -> dict:
     return r
 
 
-def reference_losses(demo_data: Path, workdir: Path, **train) -> dict[int, float]:
-    """Losses of an uninterrupted 2-rank run of REFERENCE_STEPS steps with these `train`
-    settings (each set run once per session)."""
-    key = tuple(sorted(train.items()))
+def reference_losses(demo_data: Path, workdir: Path, steps: int = REFERENCE_STEPS, **train) -> dict[int, float]:
+    """Losses of an uninterrupted 2-rank run of `steps` steps with these `train` settings (each set
+    run once per session)."""
+    key = (steps, *sorted(train.items()))
     if key not in _reference:
-        r = fault_recipe(demo_data, workdir / "out", max_steps=REFERENCE_STEPS, **train)
+        r = fault_recipe(demo_data, workdir / "out", max_steps=steps, **train)
         proc = run_job(torchrun_cmd(write_recipe(r, workdir)), workdir)
         assert proc.returncode == 0, (workdir / "job.log").read_text()[-4000:]
         _reference[key] = losses(workdir / "out")

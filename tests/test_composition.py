@@ -22,14 +22,18 @@ from llava_train.objectives import OBJECTIVES
 from llava_train.recipe import RecipeError, validate_recipe
 from tests import fixture_modules  # noqa: F401  (registers the test modules)
 from tests.conftest import REPO, tiny_recipe_dict
+from tests.test_groups import pair_shards  # noqa: F401  (a fixture: preference pairs for objectives that read them)
 
 STEPS = 2
 
 
-def pair_recipe(demo_data: Path, workdir: Path, a: type, b: type, zero: int = 3) -> dict:
+def pair_recipe(demo_data: Path, workdir: Path, a: type, b: type, pairs: list[str], zero: int = 3) -> dict:
     recipe = tiny_recipe_dict(demo_data, workdir / "out", max_steps=STEPS, micro_batch_size=2, zero_stage=zero)
     recipe["plugins"] = ["tests.fixture_modules"]
     recipe["data"]["eval"] = []
+    if any(getattr(cls, "accepts_groups", False) for cls in (a, b)):  # an objective that reads preference pairs
+        recipe["data"]["train"] = [str(p) for p in pairs]
+        recipe["stage"]["lora"] = {"r": 2, "alpha": 4, "dropout": 0.0}
     for cls in (a, b):
         spec = {"type": cls.name, **cls.example_options(workdir)}
         if cls.name in OBJECTIVES and cls is OBJECTIVES[cls.name]:
@@ -44,21 +48,22 @@ def test_support_matrix_is_current():
     assert doc == support_matrix(), "regenerate: python -m llava_train.composition > docs/support-matrix.md"
 
 
-def test_refused_pairs_are_refused_with_a_message(demo_data, tmp_path):
+def test_refused_pairs_are_refused_with_a_message(demo_data, tmp_path, pair_shards):
     _, refused = allowed_pairs(list(MODULES.values()), list(OBJECTIVES.values()))
     assert refused  # the fixtures declare one
     for a, b in refused:
         with pytest.raises(RecipeError, match="do not combine"):
-            validate_recipe(pair_recipe(demo_data, tmp_path / f"{a.name}-{b.name}", a, b))
+            validate_recipe(pair_recipe(demo_data, tmp_path / f"{a.name}-{b.name}", a, b, pair_shards))
 
 
 @pytest.mark.slow
-def test_every_allowed_pair_trains_under_two_process_zero3(demo_data, tmp_path):
-    allowed, _ = allowed_pairs(list(MODULES.values()), list(OBJECTIVES.values()))
+def test_every_allowed_pair_trains_under_two_process_zero3(demo_data, tmp_path, pair_shards):
+    modules = [cls for name, cls in MODULES.items() if name != "test_gate_refuse"]  # that one is for refusals
+    allowed, _ = allowed_pairs(modules, list(OBJECTIVES.values()))
     files = []
     for a, b in allowed:
         name = f"{a.name}--{b.name}"
-        recipe = pair_recipe(demo_data, tmp_path / name, a, b)
+        recipe = pair_recipe(demo_data, tmp_path / name, a, b, pair_shards)
         validate_recipe(recipe)  # allowed pairs pass every recipe rule
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))

@@ -127,6 +127,48 @@ def test_disabled_wandb_is_never_imported(tmp_path, monkeypatch):
         metrics.log(1, {"loss": 1.0})
 
 
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+def tensorboard_scalars(output_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in OUTPUT/tensorboard as tensorboard itself reads it back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_number_of_each_row(tmp_path):
+    with logger(tmp_path, tensorboard=True) as metrics:
+        metrics.log(1, {"loss": 2.5, "lr": torch.tensor(1e-3), "data/skipped/bad_image": 0, "note": "x"})
+        metrics.log(2, {"loss": float("nan"), "ok": True, "tokens_per_s": np.float32(100.0)})
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars == {"loss": [(1, 2.5)], "lr": [(1, pytest.approx(1e-3))], "data/skipped/bad_image": [(1, 0.0)],
+                       "tokens_per_s": [(2, 100.0)]}  # no text, no flags, no NaN (null in metrics.jsonl)
+
+
+def test_tensorboard_off_writes_no_event_files(tmp_path):
+    with logger(tmp_path) as metrics:
+        metrics.log(1, {"loss": 1.0})
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_resume_hides_events_past_the_checkpoint(tmp_path):
+    with logger(tmp_path, tensorboard=True) as metrics:
+        for step in range(1, 6):
+            metrics.log(step, {"loss": float(step)})
+    with logger(tmp_path, tensorboard=True, initial_step=3) as metrics:
+        metrics.log(4, {"loss": 40.0})
+    assert tensorboard_scalars(tmp_path)["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_missing_tensorboard_package_is_named_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
+    with pytest.raises(m.LoggerUnavailableError, match=r"train.tensorboard is true .*pip install tensorboard"):
+        logger(tmp_path, tensorboard=True)
+
+
 # ----------------------------------------------------------------------------- peak FLOP/s and memory
 
 
@@ -162,6 +204,18 @@ def test_slow_first_matmul_is_used_as_is(monkeypatch):
     m._PEAK_CACHE.clear()
     monkeypatch.setattr(m, "_time_matmuls", lambda a, b, reps: 2.0)
     assert measure_peak_flops(torch.bfloat16, "cpu", n=32, seconds=0.5) == pytest.approx(2.0 * 32**3 / 2.0)
+    m._PEAK_CACHE.clear()
+
+
+def test_peak_is_measured_on_larger_matrices_on_a_gpu(monkeypatch):
+    # The CPU keeps its short 2048^3 measurement; a GPU needs 8192^3 products to show its dense peak.
+    assert m.peak_matmul_size(torch.device("cpu")) == 2048
+    assert m.peak_matmul_size(torch.device("cuda", 0)) == 8192
+    m._PEAK_CACHE.clear()
+    sizes = []
+    monkeypatch.setattr(m, "_measure", lambda dtype, device, n, seconds: sizes.append(n) or 1.0)
+    measure_peak_flops(torch.float32, "cpu")
+    assert sizes == [2048]
     m._PEAK_CACHE.clear()
 
 

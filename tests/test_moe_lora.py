@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from llava_train.recipe import LoraConfig, validate_recipe
 from llava_train.train.trainer import Trainer
 from tests.conftest import REPO, tiny_recipe_dict
 from tests.test_model import make_batch
-from tests.test_train import losses
+from tests.test_train import assert_resume_matches
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -195,12 +194,7 @@ def test_trains_resumes_exactly_and_exports_as_declared(demo_data, tmp_path):
         r["model"]["gradient_checkpointing"] = True
         return validate_recipe(r)
 
-    full = Trainer(recipe(tmp_path / "full", save_every=2)).train()
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", tmp_path / "resumed" / "checkpoints" / "step-2")
-    Trainer(recipe(tmp_path / "resumed", resume="auto")).train()
-    expected, got = losses(tmp_path / "full"), losses(tmp_path / "resumed")
-    for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    full = assert_resume_matches(recipe, tmp_path)
     row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     loads = [row[f"objective/moe/load/layer0/expert{e}"] for e in range(3)]
     assert sum(loads) == pytest.approx(1.0) and "aux/moe_lora/balance" in row and "aux/moe_lora/z_loss" in row

@@ -54,30 +54,50 @@ def stand_ins(demo_data, tmp_path_factory) -> dict[str, Path]:
 
 
 class Runs:
-    """Runs shipped recipes once each (module-wide), producers of an `init_from` first."""
+    """Runs every shipped recipe once, all in one torchrun launch (producers of an `init_from` first),
+    and hands each test its recipe's per-rank reports."""
 
     def __init__(self, demo_data: Path, stand_ins: dict[str, Path], root: Path):
         self.demo_data, self.stand_ins, self.root = demo_data, stand_ins, root
-        self.reports: dict[Path, list[dict]] = {}
+        self.reports: dict[Path, list[dict]] | None = None
+        self.output = ""
 
     def __call__(self, path: Path) -> list[dict]:
-        if path not in self.reports:
-            recipe = load_recipe(path)
-            overrides = self.overrides(recipe, path)
-            if recipe.stage.init_from:
-                producer = self.reports_of_producer(recipe.stage.init_from, path)
-                overrides.append(f"stage.init_from={producer[0]['checkpoint']}")
-            self.reports[path] = self.launch(path, overrides)
+        if self.reports is None:
+            self.reports = self.launch_all()
+        assert path in self.reports, f"{path} did not run (an earlier recipe failed?):\n{self.output}"
         return self.reports[path]
 
-    def reports_of_producer(self, init_from: str, consumer: Path) -> list[dict]:
+    def plan(self) -> list[dict]:
+        jobs: dict[Path, dict] = {}
+
+        def add(path: Path) -> dict:
+            if path not in jobs:
+                recipe = load_recipe(path)
+                overrides = self.overrides(recipe, path)
+                if recipe.stage.init_from:
+                    producer = add(self.producer_of(recipe.stage.init_from, path))
+                    overrides.append(f"stage.init_from={producer['checkpoint']}")
+                workdir = self.workdir(path)
+                jobs[path] = {"recipe": str(path), "overrides": overrides, "results": str(workdir / "results"),
+                              "checkpoint": str(workdir / "out" / "checkpoints" / f"step-{STEPS}")}
+            return jobs[path]
+
+        for path in RECIPES:
+            add(path)
+        return list(jobs.values())  # insertion order: every producer before its consumers
+
+    def producer_of(self, init_from: str, consumer: Path) -> Path:
         for path in RECIPES:
             if path != consumer and Path(init_from).is_relative_to(load_recipe(path).train.output_dir):
-                return self(path)
+                return path
         raise AssertionError(f"{consumer}: stage.init_from={init_from} lies in no shipped recipe's output_dir")
 
+    def workdir(self, path: Path) -> Path:
+        return self.root / str(path.relative_to(REPO / "recipes")).replace("/", "_")
+
     def overrides(self, recipe: Recipe, path: Path) -> list[str]:
-        workdir = self.root / str(path.relative_to(REPO / "recipes")).replace("/", "_")
+        workdir = self.workdir(path)
         model, data = recipe.model, recipe.data
         shards = "pretrain" if data.template == "plain" else "sft"  # captions for stage 1, chats after
         found = [
@@ -85,7 +105,7 @@ class Runs:
             f"train.output_dir={workdir / 'out'}",
             f"train.max_steps={STEPS}",
             "train.micro_batch_size=2",
-            f"data.max_length={min(data.max_length, 256)}",  # room to pack a few ~80-token samples
+            f"data.max_length={min(data.max_length, 512)}",  # room for 256 query tokens, or to pack ~80-token samples
             f"data.num_workers={min(data.num_workers, 1)}",
             "train.progress_bar=false",
         ]
@@ -97,15 +117,21 @@ class Runs:
         tokenizer = self.stand_ins["lm"] if model.lm.path is not None else self.stand_ins["tokenizer"]
         return found + [f"model.tokenizer={tokenizer}"]
 
-    def launch(self, path: Path, overrides: list[str]) -> list[dict]:
-        results = self.root / f"results_{len(self.reports)}"
-        results.mkdir()
+    def launch_all(self) -> dict[Path, list[dict]]:
+        jobs = self.plan()
+        jobs_file = self.root / "jobs.json"
+        jobs_file.write_text(json.dumps(jobs))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd += [str(REPO / "tests" / "recipe_run_probe.py"), str(results), str(path), *overrides]
+        cmd += [str(REPO / "tests" / "recipe_run_probe.py"), str(jobs_file)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{path}:\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
-        return [json.loads((results / f"rank{rank}.json").read_text()) for rank in range(2)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        self.output = proc.stdout[-3000:] + proc.stderr[-6000:]
+        reports = {}
+        for job in jobs:
+            files = [Path(job["results"]) / f"rank{rank}.json" for rank in range(2)]
+            if all(f.is_file() for f in files):
+                reports[Path(job["recipe"])] = [json.loads(f.read_text()) for f in files]
+        return reports
 
 
 @pytest.fixture(scope="module")

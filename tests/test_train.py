@@ -93,3 +93,56 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(demo_data, tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-2), step  # bf16 has an 8-bit mantissa
         assert b[step] != a[step]  # ...and did run in bf16
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars_match_metrics_jsonl(demo_data, tmp_path):
+    from tests.test_metrics import tensorboard_scalars
+
+    run(demo_data, tmp_path, max_steps=3, tensorboard=True)
+    expected: dict[str, list] = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                expected.setdefault(key, []).append((row["step"], pytest.approx(value, rel=1e-6, abs=1e-12)))
+    assert {"loss", "lr", "tokens_per_s", "mfu", "eval_loss"} <= set(expected)
+    assert tensorboard_scalars(tmp_path) == expected  # event files hold float32: equal to 1e-6
+
+
+def test_missing_tensorboard_stops_before_any_model_is_built(demo_data, tmp_path, monkeypatch):
+    import sys
+
+    from llava_train.train.metrics import LoggerUnavailableError
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setattr(Trainer, "_build_model", lambda self: pytest.fail("built a model first"))
+    with pytest.raises(LoggerUnavailableError, match="set train.tensorboard=false"):
+        run(demo_data, tmp_path, tensorboard=True)
+
+
+def test_grad_norm_without_zero_equals_zero2s(demo_data, tmp_path):
+    """DeepSpeed reports no grad norm without ZeRO in fp32; the trainer's own equals ZeRO-2's."""
+    for zero in (0, 2):
+        run(demo_data, tmp_path / f"z{zero}", max_steps=2, log_every=1, zero_stage=zero, grad_accum=2)
+    norms = {}
+    for zero in (0, 2):
+        rows = [json.loads(line) for line in (tmp_path / f"z{zero}" / "metrics.jsonl").read_text().splitlines()]
+        norms[zero] = [row["grad_norm"] for row in rows if "loss" in row]
+    assert all(n is not None and n > 0 for n in norms[0])
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+
+
+def assert_resume_matches(recipe_for, tmp_path: Path, steps: int = 4, at: int = 2):
+    """Train `recipe_for(out, **train)` (a validated Recipe, `max_steps=steps`) straight through, saving at step
+    `at`; resume a copy of that checkpoint in a fresh folder; the resumed steps' losses must equal the straight
+    run's. Returns the straight run's TrainResult."""
+    result = Trainer(recipe_for(tmp_path / "full", save_every=at)).train()
+    checkpoint = f"step-{at}"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / checkpoint, tmp_path / "resumed" / "checkpoints" / checkpoint)
+    Trainer(recipe_for(tmp_path / "resumed", resume="auto")).train()
+    expected, got = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(at + 1, steps + 1))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    return result

@@ -16,12 +16,16 @@ from llava_train.data.templates import get_template
 from llava_train.recipe import DataConfig
 
 
-def make_encoder(data: DataConfig, tokenizer, model, accept_groups: bool = False) -> SampleEncoder:
-    """`accept_groups`: the objective reads grouped samples (preference pairs); otherwise pair shards are refused."""
+def make_encoder(
+    data: DataConfig, tokenizer, model, vision_path: str | None = None, accept_groups: bool = False
+) -> SampleEncoder:
+    """`vision_path`: the tower's pretrained folder, whose preprocessor_config.json sets the image settings.
+    `accept_groups`: the objective reads grouped samples (preference pairs); otherwise pair shards are refused."""
     template = get_template(data.template, tokenizer, data.system_prompt)
     anyres = data.image_mode == "anyres"
     # AnyRes tiles are exact tower-sized crops; its thumbnail is padded to a square like LLaVA-1.5's images.
-    images = ImageProcessor.from_vision_config(model.vision.config, mode="pad" if anyres else data.image_mode)
+    mode = "pad" if anyres else data.image_mode
+    images = ImageProcessor.from_vision_config(model.vision.config, mode, local_path=vision_path)
     tiler = AnyResTiler(images, data.anyres_grids) if anyres else None
     visual = model.connector.visual_tokens()
     return SampleEncoder(template, images, visual, data.max_length, tiler, accept_groups=accept_groups)

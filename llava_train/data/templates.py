@@ -1,12 +1,15 @@
 """Conversation templates, tokenised turn by turn.
 
 A conversation becomes a list of pieces (text, token ids or an image span), each
-marked supervised or not. Every text piece is tokenised on its own with
-add_special_tokens=False and the ids are concatenated, so the supervised tokens are
-exactly the tokens of the assistant answers (plus their end-of-turn tokens) and the
-prompt built for generation is token-for-token the prefix seen in training. There is
-no re-tokenise-and-count-offsets step as in LLaVA, which silently mislabels when a
-tokenizer merges across a turn boundary.
+marked supervised or not. Each run of adjacent text pieces with the same supervision
+is tokenised on its own with add_special_tokens=False and the ids are concatenated, so
+the supervised tokens are exactly the tokens of the assistant answers (plus their
+end-of-turn tokens) and the prompt built for generation is token-for-token the prefix
+seen in training. There is no re-tokenise-and-count-offsets step as in LLaVA, which
+silently mislabels when a tokenizer merges across a turn boundary. Tokenising a whole
+unsupervised run at once (not "USER: ..." and "ASSISTANT:" apart) makes a prompt's ids
+equal those of the same text rendered as one string, which is how transformers users
+of an exported model prompt it (data/chat_template.py).
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class ConversationTemplate(ABC):
         return ids
 
     def _assemble(self, pieces: list[Piece], num_image_tokens: int):
+        pieces = merge_text_runs(pieces)
         texts = [p.text for p in pieces if p.text is not None]
         tokenised = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         ids, labels, spans = [], [], []
@@ -176,6 +180,18 @@ class ConversationTemplate(ABC):
         if eos is None:
             raise ValueError(f"template `{self.name}` ends answers with eos, but the tokenizer has no eos_token")
         return eos
+
+
+def merge_text_runs(pieces: list[Piece]) -> list[Piece]:
+    """Join adjacent text pieces of equal supervision, so each run is tokenised as one string."""
+    merged: list[Piece] = []
+    for piece in pieces:
+        last = merged[-1] if merged else Piece(ids=())
+        if last.text is not None and piece.text is not None and last.supervised == piece.supervised:
+            merged[-1] = Piece(text=last.text + piece.text, supervised=piece.supervised)
+        else:
+            merged.append(piece)
+    return merged
 
 
 def truncate(ids: list[int], labels: list[int], spans: list[tuple[int, int]], max_length: int) -> Encoded | None:

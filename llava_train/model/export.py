@@ -12,12 +12,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
-from llava_train.data.images import ImageProcessor
+from llava_train.data.chat_template import jinja_chat_template, renders_training_ids
+from llava_train.data.templates import get_template
 from llava_train.model.io import load_model_files, model_files_dir
 from llava_train.modules.attach import merge_module
 from llava_train.model.mllm import MultimodalLM
+from llava_train.model.prompting import checkpoint_prompting
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +61,50 @@ def check_exportable(model: MultimodalLM) -> None:
         )
 
 
-def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, image_mode: str = "resize", keep_lora: bool = False
-) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, keep_lora: bool = False) -> Path:
     """Write `out_dir` loadable by `LlavaForConditionalGeneration.from_pretrained` (safetensors).
 
-    LoRA adapters are merged into the LM, unless `keep_lora`: then `out_dir` holds the base
-    weights and `out_dir/adapter/` a peft adapter addressed to the exported Llava's module
-    names (`PeftModel.from_pretrained(llava, out_dir / "adapter")`).
+    The processor carries the training prompt layout (a Jinja chat template derived from the
+    recipe's template), the image preprocessing and, in generation_config.json, the template's
+    end-of-turn tokens, so `pipeline("image-text-to-text", model=out_dir)` answers as
+    `llava-train generate` does. LoRA adapters are merged into the LM, unless `keep_lora`: then
+    `out_dir` holds the base weights and `out_dir/adapter/` a peft adapter addressed to the
+    exported Llava's module names (`PeftModel.from_pretrained(llava, out_dir / "adapter")`).
     """
     model, tokenizer = load_model_files(checkpoint, merge=not keep_lora)
+    how = checkpoint_prompting(checkpoint, model.vision.config)
+    if how.images is None:
+        raise ValueError(
+            f"{checkpoint} was trained with data.image_mode {how.image_mode}; transformers' Llava takes one "
+            "tile per image, so export supports the resize and pad modes only"
+        )
+    template = get_template(how.template, tokenizer, how.system_prompt)
+    chat_template = jinja_chat_template(template)
+    if not renders_training_ids(template, chat_template, model.tokens_per_image):
+        log.warning(
+            "the exported chat template renders prompts that this tokenizer splits into other tokens than "
+            "training did (template %s); transformers users will prompt the model slightly off its training "
+            "distribution, while `llava-train generate` prompts it exactly",
+            template.name,
+        )
     out_dir = Path(out_dir)
     if not modules_fold_away(model):
         return export_llava_train_format(checkpoint, model, out_dir)
     if keep_lora and hasattr(model.lm, "peft_config"):
         model.lm = save_adapter_for_llava(model.lm, out_dir / "adapter", base_path=out_dir)
     hf = to_hf_llava(model)
+    hf.generation_config.eos_token_id = template.stop_token_ids
+    hf.generation_config.pad_token_id = tokenizer.pad_token_id
     hf.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.chat_template = chat_template  # also for text-only users of the tokenizer
     tokenizer.save_pretrained(out_dir)
-    processor = ImageProcessor.from_vision_config(model.vision.config, mode=image_mode)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": processor.size},
-        crop_size={"height": processor.size, "width": processor.size},
-        image_mean=list(processor.mean),
-        image_std=list(processor.std),
-    )
     LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=LlavaImageProcessorPil(**how.images.hf_kwargs()),
         tokenizer=tokenizer,
         patch_size=model.vision.config.patch_size,
         vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
         num_additional_image_tokens=int(model.vision.has_cls_token),
+        chat_template=chat_template,
     ).save_pretrained(out_dir)
     return out_dir
 

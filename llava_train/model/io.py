@@ -53,8 +53,19 @@ def _is_persistent(model: torch.nn.Module, name: str) -> bool:
     return buf_name not in module._non_persistent_buffers_set
 
 
-def save_model_files(model: MultimodalLM, tokenizer, out_dir: Path, rank: int, lora: LoraConfig | None, connector: dict):
-    """Write weights + configs + tokenizer into `out_dir` (rank 0 writes; all ranks must call)."""
+def save_model_files(
+    model: MultimodalLM,
+    tokenizer,
+    out_dir: Path,
+    rank: int,
+    lora: LoraConfig | None,
+    connector: dict,
+    template: str | None = None,
+    system_prompt: str | None = None,
+):
+    """Write weights + configs + tokenizer into `out_dir` (rank 0 writes; all ranks must call).
+
+    `template` and `system_prompt` are the recipe's `data.` fields: how generate and export prompt the model."""
     state = gathered_state_dict(model, rank)
     if rank != 0:
         return
@@ -70,6 +81,8 @@ def save_model_files(model: MultimodalLM, tokenizer, out_dir: Path, rank: int, l
         "image_token_id": model.image_token_id,
         "lora": lora.model_dump() if lora is not None else None,
         "modules": module_specs(model),  # re-attached before the weights load (export, generate, init_from)
+        "template": template,
+        "system_prompt": system_prompt,
     }
     (out_dir / META).write_text(json.dumps(meta, indent=2))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -16,11 +16,12 @@ from llava_train.model.packed_attention import packed_attention_inputs
 from llava_train.model.vision import VisionTower
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A tuple, so ZeRO-3's hooks find the tensors inside (they look into tuples, lists and dicts)."""
+
     hidden_states: torch.Tensor  # [B, T, D] the LM's last hidden states
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # reported by attached modules, once each
-    aux_metrics: dict[str, float] = field(default_factory=dict)
+    aux_losses: dict[str, torch.Tensor] = {}  # reported by attached modules, once each (a fresh dict per forward)
+    aux_metrics: dict[str, float] = {}
 
 
 class MultimodalLM(nn.Module):

@@ -15,3 +15,4 @@ from llava_train.modules.base import (  # noqa: F401
 
 from llava_train.modules import moe_lora  # noqa: F401,E402  (registers `moe_lora`)
 from llava_train.modules import moe_upcycle  # noqa: F401,E402  (registers `moe_upcycle`)
+from llava_train.modules import matryoshka  # noqa: F401,E402  (registers the Matryoshka connectors)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from llava_train.registry import Registry
+
 if TYPE_CHECKING:
     from llava_train.model.mllm import MultimodalLM
     from llava_train.recipe import Recipe
@@ -88,21 +90,9 @@ class TechniqueModule(ABC):
         return {"type": self.name, **self.options.model_dump(mode="json")}
 
 
-MODULES: dict[str, type[TechniqueModule]] = {}
-
-
-def register_module(cls: type[TechniqueModule]) -> type[TechniqueModule]:
-    if cls.name in MODULES and MODULES[cls.name] is not cls:
-        raise ValueError(f"module `{cls.name}` is already registered by {MODULES[cls.name].__qualname__}")
-    MODULES[cls.name] = cls
-    return cls
-
-
-def module_class(name: str) -> type[TechniqueModule]:
-    if name not in MODULES:
-        known = ", ".join(sorted(MODULES)) or "none"
-        raise ValueError(f"unknown module type `{name}`; registered modules: {known} (a plugin module registers more)")
-    return MODULES[name]
+MODULES = Registry("module")
+register_module = MODULES.register
+module_class = MODULES.lookup
 
 
 def build_module(spec: dict) -> TechniqueModule:

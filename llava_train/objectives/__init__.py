@@ -11,3 +11,4 @@ from llava_train.objectives.base import (  # noqa: F401
     register_objective,
 )
 from llava_train.objectives import lm  # noqa: F401,E402  (registers `lm`)
+from llava_train.objectives import dpo  # noqa: F401,E402  (registers `dpo`)

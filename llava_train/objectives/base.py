@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from llava_train.registry import Registry
+
 if TYPE_CHECKING:
     from llava_train.recipe import Recipe
 
@@ -101,21 +103,9 @@ class Objective(nn.Module, metaclass=ABCMeta):
         """Cross-section rules (stage, packing, data); raise ValueError with the fix."""
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
-        raise ValueError(f"objective `{cls.name}` is already registered by {OBJECTIVES[cls.name].__qualname__}")
-    OBJECTIVES[cls.name] = cls
-    return cls
-
-
-def objective_class(name: str) -> type[Objective]:
-    if name not in OBJECTIVES:
-        known = ", ".join(sorted(OBJECTIVES))
-        raise ValueError(f"unknown objective `{name}`; registered objectives: {known} (a plugin module registers more)")
-    return OBJECTIVES[name]
+OBJECTIVES = Registry("objective")
+register_objective = OBJECTIVES.register
+objective_class = OBJECTIVES.lookup
 
 
 def build_objective(spec: dict, build: BuildContext) -> Objective:

@@ -1,6 +1,6 @@
-"""Per-step metrics: where they go (metrics.jsonl, wandb, a progress bar) and the numbers
-behind throughput (the measured matmul peak that MFU divides by, peak memory; the FLOPs
-of a step are train/flops.py's)."""
+"""Per-step metrics: where they go (metrics.jsonl, wandb, TensorBoard, a progress bar) and the numbers
+behind throughput (the measured matmul peak that MFU divides by, peak memory; the FLOPs of a step are
+train/flops.py's)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,28 @@ import torch
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class LoggerUnavailableError(RuntimeError):
+    """A logger the recipe asks for cannot start on this machine."""
+
+
+def require_tensorboard() -> None:
+    """Fail before any model is built when train.tensorboard is on but the package is missing."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+    except ImportError:
+        raise LoggerUnavailableError(
+            "train.tensorboard is true but the tensorboard package is not installed; "
+            "`pip install tensorboard` (or llava_train[tensorboard]), or set train.tensorboard=false"
+        ) from None
 
 
 class MetricsLogger:
     """Rank 0 appends one JSON object per logged step to OUTPUT/metrics.jsonl, forwards it to
-    wandb unless disabled, and shows progress: a bar on a terminal, otherwise (or with
+    wandb unless disabled and, with tensorboard=True, writes its numbers as scalars to event
+    files in OUTPUT/tensorboard; and shows progress: a bar on a terminal, otherwise (or with
     progress_bar=False) one log line per logged step. Every other rank does nothing, so the
     trainer can call it unconditionally.
 
@@ -42,10 +59,11 @@ class MetricsLogger:
         total_steps: int | None = None,
         progress_bar: bool = True,
         initial_step: int = 0,
+        tensorboard: bool = False,
     ):
         self.active = rank == 0
         self.total_steps = total_steps
-        self._file = self._bar = self._wandb = None
+        self._file = self._bar = self._wandb = self._tensorboard = None
         if not self.active:
             return
         self.output_dir = Path(output_dir)
@@ -56,6 +74,8 @@ class MetricsLogger:
         self._start = (time.perf_counter(), initial_step)
         if wandb_mode != "disabled":
             self._wandb = self._init_wandb(wandb_mode, wandb_project, run_name, config or {})
+        if tensorboard:
+            self._tensorboard = _tensorboard_writer(self.output_dir / TENSORBOARD_DIR, initial_step)
         if progress_bar and sys.stderr.isatty():
             self._bar = _make_bar(total_steps, initial_step)
 
@@ -69,6 +89,10 @@ class MetricsLogger:
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         if self._wandb is not None:
             self._wandb_log(step, metrics)
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):  # null (NaN) stays out
+                    self._tensorboard.add_scalar(key, value, int(step))
         if self._bar is not None:
             self._bar.update(max(0, step - self._bar.n))
             self._bar.set_postfix_str(_summary(values), refresh=True)
@@ -81,12 +105,14 @@ class MetricsLogger:
             self._bar.close()
         if self._file is not None:
             self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._wandb is not None:
             try:
                 self._wandb.finish()
             except Exception as exc:  # a sink failing must never fail the run
                 warnings.warn(f"wandb.finish failed: {exc}", RuntimeWarning, stacklevel=2)
-        self._file = self._bar = self._wandb = None
+        self._file = self._bar = self._wandb = self._tensorboard = None
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -126,6 +152,15 @@ class MetricsLogger:
         if not self.total_steps or done <= 0:
             return None
         return (time.perf_counter() - start_time) / done * max(0, self.total_steps - step)
+
+
+def _tensorboard_writer(log_dir: Path, initial_step: int):
+    """purge_step hides events the interrupted run wrote past `initial_step` (they are about to be
+    recomputed), as _drop_rows_after does for metrics.jsonl; a fresh run hides all old ones."""
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir), purge_step=initial_step + 1, flush_secs=30)
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
@@ -191,17 +226,25 @@ def _make_bar(total: int | None, initial: int):
 _PEAK_CACHE: dict[tuple, float] = {}
 
 
-def measure_peak_flops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 2048,
+def measure_peak_flops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int | None = None,
                        seconds: float = 0.5) -> float:
     """This machine's dense matmul throughput (FLOP/s) for `dtype`: the best rate over repeated
     n x n matmuls for about `seconds`. Measured, not looked up, so MFU means the same on a
-    laptop CPU and an H100 (where a larger n gets closer to the datasheet). Cached per process.
+    laptop CPU and an H100. Cached per process. `n` defaults to `peak_matmul_size(device)`.
     """
     device = torch.device(device)
+    n = n or peak_matmul_size(device)
     key = (dtype, str(device), n)
     if key not in _PEAK_CACHE:
         _PEAK_CACHE[key] = _measure(dtype, device, n, seconds)
     return _PEAK_CACHE[key]
+
+
+def peak_matmul_size(device: torch.device) -> int:
+    """Matrix side for the peak measurement: 2048 keeps a CPU's measurement short; a GPU needs large
+    products to reach its dense peak (an H200 ran 8192^3 bf16 ones at about 790 TFLOP/s; the GPU
+    check, launch/gpu_check/, prints the rate at both sizes)."""
+    return 8192 if device.type == "cuda" else 2048
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from torch import nn
 
 from llava_train.data import pipeline
 from llava_train.data.batch import TokenRole
+from llava_train.evaluate import in_loop
 from llava_train.model.build import apply_stage, build_model, load_tokenizer
 from llava_train.model.stages import resolve_stage
 from llava_train.model.io import initialise_from, save_model_files
@@ -36,7 +37,7 @@ from llava_train.train.engine import (
 from llava_train.train.flops import StepFlops
 from llava_train.train.memory import model_state_bytes
 from llava_train.train.timing import PhaseTimer
-from llava_train.train.metrics import MetricsLogger, measure_peak_flops, peak_memory_bytes
+from llava_train.train.metrics import MetricsLogger, measure_peak_flops, peak_memory_bytes, require_tensorboard
 from llava_train.train.preemption import EXIT_PREEMPTED, StopSignal
 from llava_train.train.resume_check import check_model_shapes, check_resumable
 
@@ -75,6 +76,10 @@ class Trainer:
         self.recipe = recipe
         self.cfg = recipe.train
         pipeline.check_data_paths(recipe.data)
+        if self.cfg.tensorboard:
+            require_tensorboard()
+        # Held-out questions for the generation eval, checked before any model is built.
+        generation_records = in_loop.read_checked_records(recipe) if self.cfg.eval_generate_every else None
         self.resume_from = ckpt.resolve_resume(self.cfg.output_dir, self.cfg.resume)
         self.dist: DistInfo = setup_distributed()
         if self.resume_from is not None:  # a damaged or foreign checkpoint is refused before any building
@@ -88,6 +93,12 @@ class Trainer:
             check_model_shapes(self.resume_from, self.model)
         self._build_data()
         self._build_engine()
+        self.generation_eval = None
+        if generation_records is not None:
+            d = self.dist
+            self.generation_eval = in_loop.GenerationEval(
+                recipe, generation_records, self.tokenizer, self.model, d.rank, d.world_size, d.device, self._autocast
+            )
         self.step = 0
         self.tokens_seen = 0
         self.samples_seen = 0
@@ -124,7 +135,10 @@ class Trainer:
         data, d = self.recipe.data, self.dist
         # Grouped samples (preference pairs) are for objectives that declare they read them.
         reads_groups = objective_class(self.recipe.stage.objective["type"]).accepts_groups
-        encoder = pipeline.make_encoder(data, self.tokenizer, self.model, accept_groups=reads_groups)
+        encoder = pipeline.make_encoder(
+            data, self.tokenizer, self.model, self.recipe.model.vision.path, accept_groups=reads_groups
+        )
+        self.image_processor = encoder.image_processor  # saved with each checkpoint's model files
         collate_fn = pipeline.make_collate(self.tokenizer, self.model)
         mb, seed, accum = self.cfg.micro_batch_size, self.cfg.seed, self.cfg.grad_accum
         self.loader = pipeline.train_loader(data, encoder, collate_fn, mb, seed, d.rank, d.world_size, accum)
@@ -178,6 +192,7 @@ class Trainer:
             total_steps=self.cfg.max_steps,
             progress_bar=self.cfg.progress_bar,
             initial_step=self.step,
+            tensorboard=self.cfg.tensorboard,
         )
         if d.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +214,8 @@ class Trainer:
                 self.step_logged_memory = True
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.eval_loader is not None:
                 metrics["eval_loss"] = eval_loss = self.evaluate()
+            if self.generation_eval is not None and self._generation_due():
+                metrics.update(self.evaluate_generation())
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
                 logger.log(self.step, metrics)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
@@ -252,6 +269,8 @@ class Trainer:
             skip = skip or self.nonfinite.is_bad(loss, self.step + 1)
             with self.timer.phase("backward"):
                 self.engine.backward(zero_loss(loss) if skip else loss)
+            if micro_step == len(micro_batches) - 1 and self.cfg.zero_stage == 0:
+                unclipped_norm = _grad_norm(self.optimizer)  # DeepSpeed reports none without ZeRO in fp32
             with self.timer.phase("optimizer"), suppressed_update(self.engine, self.optimizer, skip):
                 self.engine.step()
             loss_sum += out.loss_sum.detach().float().cpu()
@@ -267,6 +286,8 @@ class Trainer:
         self.tokens_seen += int(_all_reduce_sum(torch.tensor(float(tokens))))
         self.samples_seen += int(_all_reduce_sum(torch.tensor(float(samples))))
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None and self.cfg.zero_stage == 0:
+            grad_norm = unclipped_norm
         metrics = {
             "loss": float(_all_reduce_sum(loss_sum)) / global_units,
             "lr": lr,
@@ -333,6 +354,18 @@ class Trainer:
         self.engine.train()
         return float(_all_reduce_sum(total) / _all_reduce_sum(count).clamp(min=1))
 
+    def _generation_due(self) -> bool:
+        return self.step % self.cfg.eval_generate_every == 0 or self.step == self.cfg.max_steps
+
+    @torch.no_grad()
+    def evaluate_generation(self) -> dict[str, float]:
+        """Greedy answers to held-out questions on the training model (all ranks in lockstep)."""
+        self.engine.eval()
+        try:
+            return self.generation_eval(self.step)
+        finally:
+            self.engine.train()
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
@@ -353,7 +386,12 @@ class Trainer:
             )
             lora = self.recipe.stage.lora if self.preset.lora else None
             connector = self.recipe.model.connector.model_dump()
-            save_model_files(self.model, self.tokenizer, tmp / "model", d.rank, lora, connector)
+            data = self.recipe.data
+            save_model_files(
+                self.model, self.tokenizer, tmp / "model", d.rank, lora, connector, data.template, data.system_prompt
+            )
+            if d.is_main:  # the image settings training used, for generate and export (model/prompting.py)
+                self.image_processor.save_pretrained(tmp / "model" / "vision")
         final = self.ckpt_root / f"step-{self.step}"
         with self._all_ranks_or_none(tmp, space):
             if d.is_main:
@@ -423,6 +461,15 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     reduced = value.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else value.clone()
     dist.all_reduce(reduced)
     return reduced.cpu()
+
+
+def _grad_norm(optimizer) -> float:
+    """The global L2 norm of the gradients the optimizer is about to apply, before clipping. Without ZeRO,
+    DeepSpeed all-reduces the gradients in the boundary's backward, so every rank holds the same ones."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:

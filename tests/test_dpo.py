@@ -1,0 +1,69 @@
+"""The `dpo` objective (llava_train/objectives/dpo.py) against its analytic values, on real pair shards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llava_train.objectives.dpo import preference_loss
+from llava_train.recipe import RecipeError, validate_recipe
+from llava_train.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+from tests.test_groups import pair_shards  # noqa: F401  (a fixture: convert-pairs output)
+
+
+def dpo_recipe(demo_data, out, shards, objective=None, stage="sft_lora", **train) -> dict:
+    recipe = tiny_recipe_dict(demo_data, out, **{"max_steps": 2, "lr": 1e-2, **train})
+    recipe["stage"] = {"name": stage, "objective": {"type": "dpo", **(objective or {})},
+                       "lora": {"r": 2, "alpha": 4, "dropout": 0.0}}
+    recipe["data"].update(train=[str(s) for s in shards], eval=[])
+    return recipe
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_loss_values():
+    margin = torch.randn(16)
+    torch.testing.assert_close(preference_loss(margin, 0.1, "robust", 0.0), preference_loss(margin, 0.1, "sigmoid"))
+    zero = torch.zeros(3)
+    torch.testing.assert_close(preference_loss(zero, 0.1, "sigmoid"), torch.full((3,), math.log(2)))
+    torch.testing.assert_close(preference_loss(zero, 0.1, "ipo"), torch.full((3,), (1 / (2 * 0.1)) ** 2))
+    torch.testing.assert_close(preference_loss(zero, 0.1, "hinge"), torch.ones(3))
+    # the robust loss is the sigmoid loss of the margin and of its flip, mixed by eps
+    mixed = 0.8 * preference_loss(margin, 0.1, "sigmoid") + 0.2 * preference_loss(-margin, 0.1, "sigmoid")
+    torch.testing.assert_close(preference_loss(margin, 0.1, "robust", 0.2), mixed)
+
+
+@pytest.mark.parametrize("loss,first", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
+def test_policy_equal_to_reference_gives_the_analytic_first_loss(demo_data, tmp_path, pair_shards, loss, first):  # noqa: F811
+    """LoRA's B starts at zero, so at step 1 the policy equals its adapters-disabled reference: margins and
+    rewards are zero, the loss is ln 2 (sigmoid) or (1/(2 beta))^2 (IPO) per pair; then the policy learns."""
+    recipe = validate_recipe(dpo_recipe(demo_data, tmp_path, pair_shards, {"loss": loss}, max_steps=4))
+    Trainer(recipe).train()
+    steps = rows(tmp_path)
+    assert steps[0]["loss"] == pytest.approx(first, rel=1e-5)
+    assert steps[0]["objective/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[0]["normaliser/pairs"] == 4  # micro-batch 4 pairs: the loss is a mean over pairs
+    assert steps[-1]["objective/rewards/accuracy"] > 0.5 and steps[-1]["loss"] < first
+
+
+def test_needs_adapters_or_a_reference(demo_data, tmp_path, pair_shards):  # noqa: F811
+    with pytest.raises(RecipeError, match="trains no adapters"):
+        validate_recipe(dpo_recipe(demo_data, tmp_path, pair_shards, stage="sft"))
+
+
+@pytest.mark.slow
+def test_two_ranks_times_two_pairs_equal_one_rank_times_four(demo_data, tmp_path, pair_shards):  # noqa: F811
+    from tests.test_distributed import launch
+
+    single = launch(dpo_recipe(demo_data, tmp_path / "one" / "out", pair_shards, max_steps=3, micro_batch_size=4),
+                    tmp_path / "one", nproc=1)
+    two = launch(dpo_recipe(demo_data, tmp_path / "two" / "out", pair_shards, max_steps=3, micro_batch_size=2,
+                            zero_stage=3), tmp_path / "two", nproc=2)
+    for step, loss in single.items():
+        assert two[step] == pytest.approx(loss, rel=1e-4), step
