@@ -132,6 +132,8 @@ def exported(demo_data, tmp_path, lm_type="llama", **options):
 def test_exports_as_qwen2_moe_llava_with_equal_logits(demo_data, tmp_path, lm_type, options):
     from transformers import LlavaForConditionalGeneration
 
+    from llava_train.model.io import load_any
+
     model, tokenizer, out = exported(demo_data, tmp_path, lm_type, **options)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["model_type"] == "qwen2_moe"
@@ -143,8 +145,11 @@ def test_exports_as_qwen2_moe_llava_with_equal_logits(demo_data, tmp_path, lm_ty
     with torch.no_grad():
         ours = model.output_embeddings(model(batch).hidden_states)
         theirs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+        imported, _ = load_any(out)  # and back: generate and eval read the exported folder
+        back = imported.output_embeddings(imported(batch).hidden_states)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(theirs.logits[real], ours[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(back[real], ours[real], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
