@@ -93,3 +93,70 @@ def test_refused_with_moe_lora_and_on_a_missing_layer(demo_data, tmp_path):
         validate_recipe(recipe)
     with pytest.raises(ValueError, match="layers \\[7\\] do not exist"):
         built(upcycle_recipe(demo_data, tmp_path, layers=[7]))
+
+
+def two_row_batch(model, tokenizer):
+    """Two prompts with an image, the second shorter (padding on the right)."""
+    from llava_train.data.batch import IGNORE_INDEX, Example
+    from llava_train.data.collate import collate
+
+    text = tokenizer("what colour is the circle", add_special_tokens=False)["input_ids"]
+    ids = [model.image_token_id] * model.tokens_per_image + text
+    rows = [ids, ids[:-2]]
+    examples = [Example(input_ids=r, labels=[IGNORE_INDEX] * len(r), images=[torch.randn(3, 32, 32)]) for r in rows]
+    return collate(examples, tokenizer.pad_token_id, model.image_token_id)
+
+
+def exported(demo_data, tmp_path, lm_type="llama", **options):
+    """An upcycled tiny model with distinct experts, saved and exported: (model, tokenizer, export folder)."""
+    from llava_train.model.export import export_checkpoint
+    from llava_train.model.io import save_model_files
+
+    recipe = upcycle_recipe(demo_data, tmp_path, **options)
+    recipe["model"]["lm"]["config"]["model_type"] = lm_type
+    _, model, tokenizer = built(recipe)
+    perturb_experts(model)
+    save_model_files(model.eval(), tokenizer, tmp_path / "ckpt" / "model", rank=0, lora=None, connector={"type": "mlp"})
+    return model, tokenizer, export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "lm_type,options",
+    [
+        ("llama", {"top_k": 2, "layers": "every_other", "capacity_factor": 1.5}),  # Qwen2-MoE's mlp_only_layers
+        ("qwen2", {"top_k": 2, "layers": "all", "expert_lora": 2}),  # qkv biases; LoRA experts merged
+        ("llama", {"top_k": 1, "layers": [0], "renormalise": False}),  # norm_topk_prob off
+    ],
+    ids=["llama-every-other", "qwen2-lora-experts", "llama-top1"],
+)
+def test_exports_as_qwen2_moe_llava_with_equal_logits(demo_data, tmp_path, lm_type, options):
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_train.model.io import load_any
+
+    model, tokenizer, out = exported(demo_data, tmp_path, lm_type, **options)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["text_config"]["model_type"] == "qwen2_moe"
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    upcycled = [i for i, layer in enumerate(model.decoder.layers) if isinstance(layer.mlp, UpcycledMoE)]
+    sparse = [i for i, layer in enumerate(hf.model.language_model.layers) if hasattr(layer.mlp, "experts")]
+    assert sparse == upcycled
+    batch = two_row_batch(model, tokenizer)
+    with torch.no_grad():
+        ours = model.output_embeddings(model(batch).hidden_states)
+        theirs = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+        imported, _ = load_any(out)  # and back: generate and eval read the exported folder
+        back = imported.output_embeddings(imported(batch).hidden_states)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(theirs.logits[real], ours[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(back[real], ours[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options,reason",
+    [({"gate": "none"}, "gate is `none`"), ({"eval_capacity_factor": 1.0}, "keeps every token at inference")],
+)
+def test_what_qwen2_moe_cannot_hold_keeps_the_llava_train_format_and_says_why(demo_data, tmp_path, caplog, options, reason):
+    _, _, out = exported(demo_data, tmp_path, **options)
+    assert (out / "llava_train_model.json").is_file() and not (out / "config.json").exists()
+    assert reason in caplog.text and "moe_upcycle stays in the llava_train format" in caplog.text

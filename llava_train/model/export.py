@@ -23,8 +23,6 @@ from llava_train.model.prompting import checkpoint_prompting
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 SUPPORTED_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
@@ -110,13 +108,23 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, keep_lora: bo
 
 
 def modules_fold_away(model: MultimodalLM) -> bool:
-    """Merge the attached modules that declare `merge`; False when one must stay (`keep`), in which
-    case transformers' Llava cannot hold the model. A `refuse` module stops the export."""
+    """Merge the attached modules that declare `merge` and convert the LM for those that declare
+    `convert` (where its transformers class can represent it); False when one must stay (`keep`, or a
+    conversion that does not fit), in which case transformers' Llava cannot hold the model. A `refuse`
+    module stops the export."""
     refused = [m.name for m in model.attachments if m.export == "refuse"]
     if refused:
         raise ValueError(f"module {refused[0]} declares that it cannot be exported; use the checkpoint itself")
     for module in [m for m in model.attachments if m.export == "merge"]:
         merge_module(model, module)
+    for module in [m for m in model.attachments if m.export == "convert"]:
+        try:
+            lm = module.convert_lm(model.lm)
+        except ValueError as why:
+            log.warning("module %s stays in the llava_train format: %s", module.name, why)
+            continue
+        model.lm = lm
+        model.attachments.remove(module)
     return not model.attachments
 
 

@@ -9,6 +9,7 @@ inside `zero.Init` and filled one parameter at a time: no rank holds the whole m
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -74,6 +75,24 @@ def renamed_state(path: Path, model: MultimodalLM) -> dict[str, torch.Tensor]:
             state[prefixes[old] + key[len(old) :]] = value
     if getattr(model.lm.config, "tie_word_embeddings", False):
         state.setdefault(f"lm.{head}.weight", state[f"lm.{decoder}.embed_tokens.weight"])
+    return stacked_experts(state)
+
+
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def stacked_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 saves stacked experts (Qwen2-MoE style, `experts.gate_up_proj [E, 2I, H]`, `experts.down_proj
+    [E, H, I]`) in the original one-module-per-expert layout (`experts.{e}.gate_proj.weight`, ...): stack them back,
+    as its own loading does."""
+    per_expert: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key in [k for k in state if EXPERT.fullmatch(k)]:
+        prefix, expert, proj = EXPERT.fullmatch(key).groups()
+        per_expert.setdefault(prefix, {}).setdefault(proj, {})[int(expert)] = state.pop(key)
+    for prefix, projs in per_expert.items():
+        ordered = {proj: [weights[e] for e in sorted(weights)] for proj, weights in projs.items()}
+        state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(ordered["gate_proj"], ordered["up_proj"])])
+        state[f"{prefix}.down_proj"] = torch.stack(ordered["down_proj"])
     return state
 
 

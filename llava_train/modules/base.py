@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from llava_train.model.mllm import MultimodalLM
     from llava_train.recipe import Recipe
 
-ExportPolicy = Literal["merge", "keep", "refuse"]
+# merge: folded into plain weights; convert: the LM becomes a transformers class that holds the module (e.g.
+# Qwen2-MoE), where it can; keep: llava_train format only; refuse: no export
+ExportPolicy = Literal["merge", "convert", "keep", "refuse"]
 
 
 class ModuleOptions(BaseModel):
@@ -39,7 +41,7 @@ class TechniqueModule(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[ModuleOptions]] = ModuleOptions
-    export: ClassVar[ExportPolicy] = "keep"  # merge: folded into plain weights; keep: llava_train format only
+    export: ClassVar[ExportPolicy] = "keep"
     conflicts: ClassVar[tuple[str, ...]] = ()  # module/objective names it cannot run with
     requires: ClassVar[tuple[str, ...]] = ()  # module/objective names it needs in the same recipe
     zero3_leaf_classes: ClassVar[tuple[type[nn.Module], ...]] = ()  # gathered whole under ZeRO-3
@@ -64,6 +66,12 @@ class TechniqueModule(ABC):
     def merge(self, model: "MultimodalLM") -> None:
         """Fold the module into plain weights (export policy `merge`)."""
         raise ValueError(f"module `{self.name}` cannot be merged into plain weights (export policy {self.export})")
+
+    def convert_lm(self, lm: nn.Module) -> nn.Module:
+        """Export policy `convert`: the LM holding this module as an equal model of a transformers class
+        that represents it. Raise ValueError saying what that class cannot represent: export then keeps
+        the llava_train format and logs the reason."""
+        raise ValueError(f"module `{self.name}` has no transformers class to convert to (export policy {self.export})")
 
     def flops_per_token(self, model: "MultimodalLM") -> float:
         """Forward FLOPs per LM token on the module's own weights, outside plain Linear layers (which the

@@ -145,9 +145,9 @@ def _routed_tokens(ctx, shape: torch.Size, device) -> torch.Tensor:
 class MoEUpcycle(TechniqueModule):
     name = "moe_upcycle"
     Options = MoEUpcycleOptions
-    export = "keep"
+    export = "convert"
     conflicts = ("moe_lora",)  # both would claim the same MLPs
-    notes = "SwiGLU MLPs (Llama, Qwen2, Mistral); exports in the llava_train format"
+    notes = "SwiGLU MLPs (Llama, Qwen2, Mistral); exports as Qwen2-MoE from Llama/Qwen2, else the llava_train format"
 
     def attach(self, model) -> dict[str, nn.Parameter]:
         layers = model.decoder.layers
@@ -191,6 +191,13 @@ class MoEUpcycle(TechniqueModule):
         if bad:
             raise ValueError(f"modules: moe_upcycle layers {bad} do not exist (the LM has {count} layers)")
         return sorted(set(layers))
+
+    def convert_lm(self, lm: nn.Module) -> nn.Module:
+        from llava_train.modules.qwen2_moe_export import to_qwen2_moe
+
+        layers = lm.get_decoder().layers
+        blocks = {i: getattr(layer, self.options.mlp_name, None) for i, layer in enumerate(layers)}
+        return to_qwen2_moe(lm, self.options, {i: b for i, b in blocks.items() if isinstance(b, UpcycledMoE)})
 
     def flops_per_token(self, model) -> float:
         return self.forward_flops

@@ -1,12 +1,13 @@
 """Step time and peak memory of MoE-LoRA against plain LoRA, side by side in one run.
 
-    python tests/bench/bench_moe.py [--steps 10] [--experts 3] [--rank 8] [--batch 8] [--seq 320]
+    python tests/bench/bench_moe.py [--steps 10] [--experts 3] [--rank 8] [--batch 8] [--seq 320] [--rounds 1]
 
 Each variant trains the demo-shaped LM (recipes/demo/base.yaml: 4 layers x 256 wide, random weights) on the
 same random token batches with AdamW, LM frozen, adapters on the MLP projections, in its own subprocess (so peak
 RSS is its own; step memory = peak RSS minus RSS after setup): `lora` (peft, r), `moe_lora_dense` (E experts of rank r, top-1, block router; every expert on
 every token as two rank-E*r matmuls, masked: the default) and `moe_lora_sparse` (only the routed pairs, gathered
-per expert). Prints the median step time, step memory and ratios to lora.
+per expert). Prints the median step time, step memory and ratios to lora; with `--rounds N` every variant runs
+N times, in a rotated order each round, and the table holds medians over rounds.
 """
 
 from __future__ import annotations
@@ -101,23 +102,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=320)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="each variant this many times, order rotated per round")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in a subprocess
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    rows = []
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    base = rows[0]
+    runs = {variant: [] for variant in VARIANTS}
+    for round_ in range(args.rounds):  # rotated order each round: load drift on a shared machine hits all alike
+        for variant in VARIANTS[round_ % 3:] + VARIANTS[: round_ % 3]:
+            cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{args.rounds} round(s); medians over rounds; ratios are medians of each round's ratio to lora")
     print(f"{'variant':<16}{'trainable':>12}{'step ms':>10}{'x lora':>8}{'step mem GB':>13}{'x lora':>8}")
-    for row in rows:
-        print(f"{row['variant']:<16}{row['trainable_params']:>12,}{row['step_ms']:>10.1f}"
-              f"{row['step_ms'] / base['step_ms']:>8.2f}{row['step_mem_gb']:>13.3f}"
-              f"{row['step_mem_gb'] / base['step_mem_gb']:>8.2f}")
+    for variant, rows in runs.items():
+        def median(key, ratio=False):
+            values = [r[key] / (b[key] if ratio else 1) for r, b in zip(rows, runs["lora"])]
+            return statistics.median(values)
 
+        print(f"{variant:<16}{rows[0]['trainable_params']:>12,}{median('step_ms'):>10.1f}"
+              f"{median('step_ms', True):>8.2f}{median('step_mem_gb'):>13.3f}{median('step_mem_gb', True):>8.2f}")
 
 if __name__ == "__main__":
     main()
