@@ -1,13 +1,13 @@
 """The built-in demo data: coloured shapes on a plain background, with questions about them.
 
-Each image holds 1-3 shapes of one kind and one colour. Questions ask the colour, the
-shape, the count and (single-shape images only) the position. Answers are single words
-so held-out accuracy is an exact match. Everything is drawn with PIL from a seeded
+Each image holds 1-3 shapes of one kind and one colour (one per quadrant when several).
+Questions ask the colour, the shape, the count and (single-shape images only) the position.
+Answers are single words so held-out accuracy is an exact match. Everything is drawn with PIL from a seeded
 generator, so a build is deterministic and takes seconds.
 
   out_dir/pretrain/  caption records (LLaVA stage 1, `plain` template)
-  out_dir/sft/       1-3 question/answer turns about one image (stage 2)
-  out_dir/eval/      one question per record, meta {"qtype", "answer"}
+  out_dir/sft/       every question an image answers (3-4 turns; `questions` caps them), stage 2
+  out_dir/eval/      one question per record, the types in turn, meta {"qtype", "answer"}
   out_dir/tokenizer/ byte-level BPE trained on all of the text above
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from data_tools.shard_writer import write_shards
 from data_tools.tokenizer import train_tokenizer
 
 STAMP = "demo_data.json"
-VERSION = 1
+VERSION = 2
 EVAL_SHARDS = 8  # at least one eval shard per data stream, so every rank gets an equal share
 
 COLOURS = {
@@ -53,8 +54,8 @@ CAPTION_PROMPTS = ["Describe the image.", "What is in the picture?", "Give a sho
 # ----------------------------------------------------------------------------- scenes
 
 
-def random_scene(rng: np.random.Generator) -> dict:
-    count = int(rng.integers(1, 4))
+def random_scene(rng: np.random.Generator, single: bool = False) -> dict:
+    count = 1 if single else int(rng.integers(1, 4))
     return {
         "shape": SHAPES[rng.integers(len(SHAPES))],
         "colour": list(COLOURS)[rng.integers(len(COLOURS))],
@@ -63,10 +64,10 @@ def random_scene(rng: np.random.Generator) -> dict:
     }
 
 
-def draw_scene(scene: dict, rng: np.random.Generator, size: int) -> Image.Image:
+def draw_scene(scene: dict, rng: np.random.Generator, size: int, scale: float = 1.0) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    radius = size * rng.uniform(0.11, 0.15) if scene["count"] == 1 else size * rng.uniform(0.08, 0.11)
+    radius = size * scale * (rng.uniform(0.11, 0.15) if scene["count"] == 1 else rng.uniform(0.08, 0.11))
     for cx, cy in _centres(scene, rng, size, radius):
         _draw_shape(draw, scene["shape"], cx, cy, radius, COLOURS[scene["colour"]])
     return image
@@ -76,15 +77,18 @@ def _centres(scene: dict, rng: np.random.Generator, size: int, radius: float) ->
     if scene["count"] == 1:
         fx, fy = REGIONS[scene["position"]]
         jitter = rng.uniform(-0.04, 0.04, size=2) * size
-        return [(fx * size + jitter[0], fy * size + jitter[1])]
-    # Rejection sampling with a clear gap between shapes, so the count is unambiguous even
-    # after rasterisation at small sizes.
-    gap = 2 * radius + max(3.0, 0.06 * size)
-    centres: list[tuple[float, float]] = []
-    while len(centres) < scene["count"]:
-        c = tuple(rng.uniform(radius + 1, size - radius - 1, size=2))
-        if all(max(abs(c[0] - x), abs(c[1] - y)) > gap for x, y in centres):  # bounding boxes apart
-            centres.append(c)
+        # Clipped so that a large shape stays whole inside the image (still well within its region).
+        cx, cy = np.clip(np.array([fx, fy]) * size + jitter, radius + 1, size - radius - 1)
+        return [(float(cx), float(cy))]
+    # One shape per quadrant, jittered inside it: shapes never touch, so the count is unambiguous
+    # at any shape scale (rejection sampling stalls once three large shapes barely fit).
+    half, margin = size / 4, max(2.0, 0.03 * size)
+    jitter = max(0.0, half - radius - margin)
+    centres = []
+    for cell in rng.permutation(4)[: scene["count"]]:
+        cx, cy = (2 * (cell % 2) + 1) * half, (2 * (cell // 2) + 1) * half
+        dx, dy = rng.uniform(-jitter, jitter, size=2)
+        centres.append((cx + dx, cy + dy))
     return centres
 
 
@@ -92,8 +96,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
-        s = r * 0.88  # same area impression as the circle
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        # The circle's bounding box: its corners are what tells a square from a circle at a few pixels a side.
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
 
@@ -127,9 +131,10 @@ def pretrain_record(scene: dict, image, rng, index: int) -> dict:
     return {"id": f"pretrain-{index:06d}", "conversations": conversations, "images": [image], "meta": {}}
 
 
-def sft_record(scene: dict, image, rng, index: int) -> dict:
+def sft_record(scene: dict, image, rng, index: int, questions: int | None = None) -> dict:
+    """`questions` per image (every type the image answers when None), in random order."""
     truth = answers(scene)
-    qtypes = rng.permutation(sorted(truth))[: rng.integers(1, 4)]
+    qtypes = rng.permutation(sorted(truth))[: questions or len(truth)]
     conversations = []
     for i, qtype in enumerate(qtypes):
         question = QUESTIONS[qtype][rng.integers(len(QUESTIONS[qtype]))]
@@ -139,20 +144,27 @@ def sft_record(scene: dict, image, rng, index: int) -> dict:
 
 def eval_record(scene: dict, image, rng, index: int) -> dict:
     truth = answers(scene)
-    qtype = sorted(truth)[rng.integers(len(truth))]
+    qtype = eval_qtype(index)
     question = QUESTIONS[qtype][rng.integers(len(QUESTIONS[qtype]))]
     conversations = [_turn("human", f"<image>\n{question}"), _turn("gpt", truth[qtype])]
     meta = {"qtype": qtype, "answer": truth[qtype]}
     return {"id": f"eval-{index:06d}", "conversations": conversations, "images": [image], "meta": meta}
 
 
-def make_records(kind: str, num: int, image_size: int, seed: int) -> list[dict]:
-    make = {"pretrain": pretrain_record, "sft": sft_record, "eval": eval_record}[kind]
+def eval_qtype(index: int) -> str:
+    """Held-out question types in turn, so each gets a quarter of the eval set (a meaningful %)."""
+    return sorted(QUESTIONS)[index % len(QUESTIONS)]
+
+
+def make_records(
+    kind: str, num: int, image_size: int, seed: int, shape_scale: float = 1.0, questions: int | None = None
+) -> list[dict]:
+    make = {"pretrain": pretrain_record, "sft": partial(sft_record, questions=questions), "eval": eval_record}[kind]
     rng = np.random.default_rng([seed, ("pretrain", "sft", "eval").index(kind)])  # disjoint image streams
     records = []
     for index in range(num):
-        scene = random_scene(rng)
-        records.append(make(scene, draw_scene(scene, rng, image_size), rng, index))
+        scene = random_scene(rng, single=kind == "eval" and eval_qtype(index) == "position")
+        records.append(make(scene, draw_scene(scene, rng, image_size, shape_scale), rng, index))
     return records
 
 
@@ -165,6 +177,8 @@ def build_demo_data(
     num_train: int = 4000,
     num_eval: int = 400,
     image_size: int = 64,
+    shape_scale: float = 1.0,
+    questions: int | None = None,
     seed: int = 0,
     samples_per_shard: int = 250,
 ) -> dict[str, Path]:
@@ -177,6 +191,8 @@ def build_demo_data(
         "num_train": num_train,
         "num_eval": num_eval,
         "image_size": image_size,
+        "shape_scale": shape_scale,
+        "questions": questions,
         "seed": seed,
         "samples_per_shard": samples_per_shard,
     }
@@ -192,7 +208,7 @@ def build_demo_data(
         ("sft", num_train, samples_per_shard),
         ("eval", num_eval, eval_per_shard),
     ):
-        records = make_records(kind, num, image_size, seed)
+        records = make_records(kind, num, image_size, seed, shape_scale, questions)
         write_shards(records, paths[kind], max_samples_per_shard=per_shard)
         texts += [turn["value"] for record in records for turn in record["conversations"]]
     train_tokenizer(texts + template_texts(), paths["tokenizer"])
@@ -215,9 +231,11 @@ if __name__ == "__main__":
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--shape-scale", type=float, default=1.0, help="shape size factor (the demo uses 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     built = build_demo_data(
-        args.out_dir, num_train=args.num_train, num_eval=args.num_eval, image_size=args.image_size, seed=args.seed
+        args.out_dir, num_train=args.num_train, num_eval=args.num_eval, image_size=args.image_size,
+        shape_scale=args.shape_scale, seed=args.seed,
     )
     print(json.dumps({k: str(v) for k, v in built.items()}, indent=1))

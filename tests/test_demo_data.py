@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from data_tools.demo_data import BACKGROUND, COLOURS, COUNT_WORDS, QUESTIONS, bu
 from llava_train.data.images import decode_image
 from llava_train.data.shards import ShardStream, expand_urls
 
-SIZES = dict(num_train=24, num_eval=40, image_size=32, samples_per_shard=8)
+SIZES = dict(num_train=24, num_eval=40, image_size=48, shape_scale=1.5, samples_per_shard=8)  # the demo's images
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +44,33 @@ def test_records_are_well_formed(built):
     _, paths = built
     for raw in records(paths["sft"]):
         turns = raw["json"]["conversations"]
-        assert 2 <= len(turns) <= 6 and turns[0]["value"].startswith("<image>\n")
+        assert turns[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in turns) == 1 and raw["json"]["images"] == ["png"]
+        # every question the image answers, once each: position only when there is one shape
+        asked = sorted(qtype_of(t["value"]) for t in turns[::2])
+        answered = {t["value"] for t in turns[1::2]}
+        expected = ["colour", "count", "position", "shape"] if "one" in answered else ["colour", "count", "shape"]
+        assert asked == expected
     for raw in records(paths["pretrain"]):
         caption = raw["json"]["conversations"][1]["value"]
         assert any(colour in caption for colour in COLOURS)
+    qtypes = []
     for raw in records(paths["eval"]):
         meta = raw["json"]["meta"]
         assert meta["qtype"] in QUESTIONS and raw["json"]["conversations"][1]["value"] == meta["answer"]
+        qtypes.append(meta["qtype"])
+    # held-out questions are balanced over the types (position too, though only one-shape images have it)
+    assert sorted(Counter(qtypes).values()) == [SIZES["num_eval"] // len(QUESTIONS)] * len(QUESTIONS)
+
+
+def qtype_of(question: str) -> str:
+    question = question.replace("<image>\n", "")
+    return next(qtype for qtype, phrasings in QUESTIONS.items() if question in phrasings)
 
 
 def test_answers_match_the_pixels(built):
     _, paths = built
+    size = SIZES["image_size"]
     for raw in records(paths["eval"]):
         meta = raw["json"]["meta"]
         pixels = np.asarray(decode_image(raw["png"]).convert("RGB")).astype(int)
@@ -64,26 +81,35 @@ def test_answers_match_the_pixels(built):
             assert nearest == meta["answer"]
         if meta["qtype"] == "position":
             ys, xs = np.nonzero(drawn)
-            cx, cy = xs.mean() / 32, ys.mean() / 32
+            cx, cy = xs.mean() / size, ys.mean() / size
             region = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6}
             assert region.get(meta["answer"], 0.4 <= cx <= 0.6 and 0.4 <= cy <= 0.6)
         if meta["qtype"] == "count":
-            assert COUNT_WORDS[count_blobs(drawn)] == meta["answer"]
+            assert COUNT_WORDS[len(blobs(drawn))] == meta["answer"]
+        if meta["qtype"] == "shape":
+            for blob in blobs(drawn):  # how much of its bounding box a shape fills tells which it is
+                ys, xs = np.nonzero(blob)
+                fill = blob.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
+                assert min(FILL, key=lambda shape: abs(FILL[shape] - fill)) == meta["answer"], fill
 
 
-def count_blobs(mask: np.ndarray) -> int:
-    """Connected regions (4-neighbourhood) of a boolean image."""
-    seen, blobs = np.zeros_like(mask), 0
+FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
+
+
+def blobs(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected regions (4-neighbourhood) of a boolean image, one mask each."""
+    seen, found = np.zeros_like(mask), []
     for start in zip(*np.nonzero(mask)):
         if seen[start]:
             continue
-        blobs, stack = blobs + 1, [start]
+        blob, stack = np.zeros_like(mask), [start]
         while stack:
             y, x = stack.pop()
             if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
-                seen[y, x] = True
+                seen[y, x] = blob[y, x] = True
                 stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
-    return blobs
+        found.append(blob)
+    return found
 
 
 def test_build_is_deterministic_and_cached(built, tmp_path):
@@ -99,3 +125,18 @@ def test_build_is_deterministic_and_cached(built, tmp_path):
     assert shard.stat().st_mtime_ns == before
     build_demo_data(tmp_path, **{**SIZES, "num_train": 16})  # new parameters: rebuilt
     assert len(records(other["sft"])) == 16
+
+
+
+def test_square_and_circle_differ_only_in_their_corners():
+    from PIL import Image, ImageDraw
+
+    from data_tools.demo_data import _draw_shape
+
+    boxes = {}
+    for shape in ("circle", "square"):
+        image = Image.new("RGB", (48, 48), BACKGROUND)
+        _draw_shape(ImageDraw.Draw(image), shape, 24, 24, 8, COLOURS["red"])
+        ys, xs = np.nonzero((np.asarray(image) != BACKGROUND).any(-1))
+        boxes[shape] = (xs.min(), xs.max(), ys.min(), ys.max())
+    assert boxes["square"] == boxes["circle"]  # the same size, so size is no cue: the corners are

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from llava_train.data.errors import BadSample
@@ -57,16 +56,15 @@ def check_model_folder(path: str | Path) -> None:
 
 
 def resolve_prompting(path: str | Path, template_flag: str | None = None) -> Prompting:
-    path = Path(path)
-    meta = _model_meta(path)
-    recipe = _recipe_data(path)
-    recorded = meta.get("template") or recipe.get("template")
-    if recorded and template_flag and template_flag != recorded:
+    from llava_train.model.prompting import recorded_prompting
+
+    recorded = recorded_prompting(path)
+    if recorded.template and template_flag and template_flag != recorded.template:
         raise EvalInputError(
-            f"{path} was trained with template {recorded!r}, not --template {template_flag!r}; drop --template "
-            "(the prompt must be the one the model trained with)"
+            f"{path} was trained with template {recorded.template!r}, not --template {template_flag!r}; drop "
+            "--template (the prompt must be the one the model trained with)"
         )
-    template = recorded or template_flag
+    template = recorded.template or template_flag
     if template is None:
         raise EvalInputError(
             f"{path} does not say which conversation template it trained with (no `template` in its model "
@@ -74,26 +72,8 @@ def resolve_prompting(path: str | Path, template_flag: str | None = None) -> Pro
         )
     if template not in TEMPLATES:
         raise EvalInputError(f"unknown template {template!r}; valid names: {', '.join(TEMPLATES)}")
-    data = {k: recipe[k] for k in ("system_prompt", "image_mode", "anyres_grids", "max_length") if k in recipe}
-    if meta.get("template"):
-        data["system_prompt"] = meta.get("system_prompt")
-    return Prompting(template, data)
-
-
-def _model_meta(path: Path) -> dict:
-    from llava_train.model.io import META
-
-    for candidate in (path / "model" / META, path / META):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
-
-
-def _recipe_data(path: Path) -> dict:
-    for candidate in (path / "recipe.yaml", path.parent / "recipe.yaml"):
-        if candidate.is_file():
-            return (yaml.safe_load(candidate.read_text()) or {}).get("data") or {}
-    return {}
+    data = {k: recorded.data[k] for k in ("image_mode", "anyres_grids", "max_length") if k in recorded.data}
+    return Prompting(template, {**data, "system_prompt": recorded.system_prompt})
 
 
 def evaluate_checkpoint(

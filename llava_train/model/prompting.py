@@ -21,6 +21,19 @@ from llava_train.model.io import META, model_files_dir
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What a checkpoint's files say about its prompt; None where they say nothing."""
+
+    template: str | None
+    system_prompt: str | None
+    recipe: dict  # the checkpoint's recipe.yaml, {} when it has none (an exported Llava folder)
+
+    @property
+    def data(self) -> dict:
+        return self.recipe.get("data") or {}
+
+
+@dataclass(frozen=True)
 class Prompting:
     template: str
     system_prompt: str | None
@@ -28,23 +41,38 @@ class Prompting:
     images: ImageProcessor | None  # None for anyres, whose tiling a single-image processor cannot do
 
 
+def recorded_prompting(checkpoint: str | Path) -> Recorded:
+    """The template and system prompt from the model files' meta, else from the recipe (older
+    model files lack them); `llava-train eval` reads this too, and adds its own checks."""
+    checkpoint = Path(checkpoint)
+    meta = _model_meta(checkpoint)
+    recipe = _recipe(checkpoint)
+    if meta.get("template") is not None:
+        return Recorded(meta["template"], meta.get("system_prompt"), recipe)
+    data = recipe.get("data") or {}
+    return Recorded(data.get("template"), data.get("system_prompt"), recipe)
+
+
 def checkpoint_prompting(checkpoint: str | Path, vision_config) -> Prompting:
     folder = model_files_dir(checkpoint)
-    meta = json.loads((folder / META).read_text())
-    recipe = _recipe(Path(checkpoint), folder)
-    data = recipe.get("data") or {}
-    recorded = meta.get("template") is not None  # older model files lack it
-    template = meta["template"] if recorded else data.get("template")
-    system_prompt = meta.get("system_prompt") if recorded else data.get("system_prompt")
-    mode = data.get("image_mode") or "pad"
+    recorded = recorded_prompting(checkpoint)
+    mode = recorded.data.get("image_mode") or "pad"
     images = None
     if mode != "anyres":
-        images = ImageProcessor.from_vision_config(vision_config, mode, _processor_folder(folder, recipe))
-    return Prompting(template or "vicuna_v1", system_prompt, mode, images)
+        images = ImageProcessor.from_vision_config(vision_config, mode, _processor_folder(folder, recorded.recipe))
+    return Prompting(recorded.template or "vicuna_v1", recorded.system_prompt, mode, images)
 
 
-def _recipe(checkpoint: Path, model_folder: Path) -> dict:
-    for path in (checkpoint / "recipe.yaml", model_folder.parent / "recipe.yaml"):
+def _model_meta(checkpoint: Path) -> dict:
+    for candidate in (checkpoint / "model" / META, checkpoint / META):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def _recipe(checkpoint: Path) -> dict:
+    """recipe.yaml beside the model files: in the step-N folder, else in the folder above."""
+    for path in (checkpoint / "recipe.yaml", checkpoint.parent / "recipe.yaml"):
         if path.is_file():
             return yaml.safe_load(path.read_text()) or {}
     return {}
