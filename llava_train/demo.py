@@ -19,6 +19,8 @@ RECIPES = REPO_ROOT / "recipes" / "demo"
 # (train samples per stage, eval samples) for the full demo and for the smoke test.
 FULL = {"pretrain_steps": None, "sft_steps": None, "num_train": 6000, "num_eval": 400}
 QUICK = {"pretrain_steps": 4, "sft_steps": 6, "num_train": 256, "num_eval": 48}
+# Shapes 1.5x the builder's default size: 1.5-3 patches of the tower across, so a shape is more than a blob.
+SHAPE_SCALE = 1.5
 
 
 def demo_overrides(workdir: Path, stage: str, steps: int | None) -> list[str]:
@@ -41,8 +43,12 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     workdir = Path(workdir)
     start = time.perf_counter()
-    build_demo_data(workdir / "data", num_train=sizes["num_train"], num_eval=sizes["num_eval"])
     pretrain = load_recipe(RECIPES / "pretrain.yaml", demo_overrides(workdir, "pretrain", sizes["pretrain_steps"]))
+    image_size = pretrain.model.vision.config["image_size"]  # the recipe's tower decides the pictures' size
+    build_demo_data(
+        workdir / "data", num_train=sizes["num_train"], num_eval=sizes["num_eval"], image_size=image_size,
+        shape_scale=SHAPE_SCALE,
+    )
     pre_result = Trainer(pretrain).train()
     sft_overrides = demo_overrides(workdir, "sft", sizes["sft_steps"]) + [f"stage.init_from={pre_result.checkpoint}"]
     sft = load_recipe(RECIPES / "sft.yaml", sft_overrides)
