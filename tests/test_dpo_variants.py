@@ -208,3 +208,26 @@ def test_mdpo_terms_equal_the_naive_terms(policy):
     for name, value in expected.items():
         torch.testing.assert_close(terms[name].detach(), value, rtol=1e-4, atol=1e-6, msg=name)
     assert metrics["mdpo/anchor"] == pytest.approx(float(expected["anchor"].mean()), rel=1e-4)
+
+
+def test_mdpo_runs_its_forwards_on_a_batch_without_images(policy):
+    """ZeRO-3: every rank must run the same forwards, so a rank whose pairs have no image still runs mDPO's
+    corrupted-image forwards (no conditional term, the anchor as usual)."""
+    from llava_train.data.collate import collate_rows
+    from tests.test_groups import encoder, pair_raw
+
+    trainer, _ = policy
+    members = encoder(trainer.tokenizer, visual=trainer.model.tokens_per_image)(
+        pair_raw(prompt="What colour?", images=()))
+    batch = collate_rows([[m] for m in members], trainer.tokenizer.pad_token_id, trainer.model.image_token_id)
+    assert batch.pixel_values is None
+    forwards = []
+    handle = trainer.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        terms, _, _ = objective(trainer, mdpo={}).terms(trainer.model, batch)
+    finally:
+        handle.remove()
+    assert len(forwards) == 4 and float(terms["conditional"]) == 0.0
+    with torch.no_grad():
+        real = naive_ratios(trainer.model, batch)
+    torch.testing.assert_close(terms["anchor"].detach(), -F.logsigmoid(BETA * real[:1]), rtol=1e-4, atol=1e-6)

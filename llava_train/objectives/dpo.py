@@ -160,7 +160,7 @@ class DPO(Objective):
             **out.aux_metrics,
         }
         aux_losses = dict(out.aux_losses)
-        if opts.mdpo is not None and batch.pixel_values is not None:
+        if opts.mdpo is not None:  # on every micro-batch, images or not: ZeRO-3 ranks must run the same forwards
             terms["conditional"], terms["anchor"], corrupted_aux = self._mdpo(model, batch, chosen, chosen_ratio, weights)
             metrics["mdpo/conditional"] = float(terms["conditional"].detach().mean())
             metrics["mdpo/anchor"] = float(terms["anchor"].detach().mean())
@@ -215,7 +215,8 @@ class DPO(Objective):
 
     def _mdpo(self, model, batch: Batch, chosen, chosen_ratio, weights):
         """(conditional, anchor) per pair, and the corrupted policy forward's module aux losses."""
-        corrupted = dataclasses.replace(batch, pixel_values=self.corrupt_images(model, batch))
+        pixels = self.corrupt_images(model, batch) if batch.pixel_values is not None else None
+        corrupted = dataclasses.replace(batch, pixel_values=pixels)
         out = model(corrupted)  # the same corrupted pixels feed the reference below; the tokens (so weights) match
         tokens, sample = token_logprobs(out.hidden_states, model.output_embeddings, corrupted, self._chunk)
         policy, reference = self._scores(model, corrupted, tokens, sample, weights)
