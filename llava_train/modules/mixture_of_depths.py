@@ -128,6 +128,12 @@ def compact_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B|1, T, ...] -> [B, Tc, ...]: each row's entries at `index` [B, Tc]."""
+    t = t.expand(index.shape[0], *t.shape[1:])
+    return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+
+
 def candidate_groups(image: torch.Tensor, sequence_ids: torch.Tensor, tokens_per_image: int, per_image: bool):
     """[B, T] group of each image token: its sample (sequence id) or, per image, its image's ordinal."""
     if not per_image:
@@ -219,16 +225,14 @@ class MixtureOfDepthsLayer(nn.Module):
         weights = token_weights(logits, self.options)  # [B, T] fp32
 
         # The compact sequence: kept tokens in order, with their positions and rotary embeddings.
-        gather = lambda t: t.expand(index.shape[0], *t.shape[1:]).gather(  # noqa: E731
-            1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
-        compact = gather(hidden_states)
-        positions = gather(position_ids) if position_ids is not None else None
-        rotary = tuple(gather(t) for t in position_embeddings) if position_embeddings is not None else None
+        compact = gather_rows(hidden_states, index)
+        positions = gather_rows(position_ids, index) if position_ids is not None else None
+        rotary = tuple(gather_rows(t, index) for t in position_embeddings) if position_embeddings is not None else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        mask = self._mask(attention_mask, index, valid, roles, cache)
+        mask = self._mask(attention_mask, index, valid, roles, cache, hidden_states.dtype)
 
-        kept_image = gather(image) & valid
-        ctx.scratch[f"{self.key}/weights"] = torch.where(kept_image, gather(weights), 1.0)[..., None]
+        kept_image = gather_rows(image, index) & valid
+        ctx.scratch[f"{self.key}/weights"] = torch.where(kept_image, gather_rows(weights, index), 1.0)[..., None]
         out = self.base_layer(compact, attention_mask=mask, position_ids=positions, position_embeddings=rotary, **kwargs)
 
         skipped = torch.where(skip[..., None], hidden_states * weights[..., None].to(hidden_states.dtype), hidden_states)
@@ -237,7 +241,7 @@ class MixtureOfDepthsLayer(nn.Module):
         self._report(ctx, image, skip)
         return result + keep_graph
 
-    def _mask(self, attention_mask, index, valid, roles, cache):
+    def _mask(self, attention_mask, index, valid, roles, cache, dtype):
         """The compact layer's mask: the decoder's, gathered; with a KV cache, this layer's own cached
         slots (n_text + k_l of the prompt, then every decoded token) stand before the new tokens.
 
@@ -260,7 +264,8 @@ class MixtureOfDepthsLayer(nn.Module):
             if past:
                 new = torch.cat([previous[:, None, None, :].expand(-1, 1, new.shape[2], -1), new], dim=-1)
             setattr(slot, CACHED_SLOTS, real if previous is None else torch.cat([previous, real], dim=1))
-        dtype = attention_mask.dtype if attention_mask is not None and attention_mask.is_floating_point() else torch.float32
+        if attention_mask is not None and attention_mask.is_floating_point():
+            dtype = attention_mask.dtype
         return _as_decoder_mask(new, attention_mask, self.implementation, dtype)
 
     def _report(self, ctx, image, skip) -> None:

@@ -2,12 +2,18 @@
 
     python tests/bench/bench_mod.py [--workdir runs/bench_mod] [--pretrain-steps 120] [--sft-steps 200]
                                     [--num-train 3000] [--num-eval 200] [--threads 2]
+    python tests/bench/bench_mod.py --costs-only [--rounds 5]   # no training: cost ratios only
 
 One run, side by side: held-out accuracy per question type, the median training step time (steps after the
 first 5, from metrics.jsonl), inference prefill FLOPs of the LM (StepFlops with every weight frozen: a forward
 only, counting what each layer ran) and the KV cache after prefill (real cached slots summed over layers), both
 over the held-out prompts one by one. The demo data is built here with explicit parameters (the demo's own
 defaults may change). Prints a table and writes WORKDIR/bench_mod.json.
+
+`--costs-only` trains nothing: both variants get the same random-init weights (the demo recipes' model), and
+it reports the prefill FLOPs and KV-cache ratios (which depend only on the token counts each layer keeps), the
+training-step model FLOPs ratio, and the step-time ratio from forward + backward on the same SFT micro-batches,
+the two variants alternating round by round (so a busy machine slows both alike).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ def train(recipe_path: Path, workdir: Path, stage: str, data_stage: str, steps: 
 
     overrides = demo_overrides(workdir, data_stage, steps) + [f"train.output_dir={workdir / stage}"] + extra
     overrides += ["data.eval=[]", "train.eval_every=0"]
-    return Trainer(load_recipe(recipe_path, overrides)).train()
+    recipe = load_recipe(recipe_path, overrides)
+    return Trainer(recipe).train(), recipe
 
 
 def median_step_time(output_dir: Path, skip: int = 5) -> float:
@@ -40,26 +47,40 @@ def median_step_time(output_dir: Path, skip: int = 5) -> float:
     return statistics.median(times)
 
 
-def prefill_costs(checkpoint: Path, eval_dir: Path, limit: int) -> dict:
+def prompts(data, model, tokenizer, eval_dir: Path, limit: int):
+    """The held-out samples cut before their first answer token: one question prompt each."""
+    import dataclasses
+
+    from llava_train.data.batch import IGNORE_INDEX
+    from llava_train.data.pipeline import make_encoder
+    from llava_train.evaluate.questions import read_records
+
+    encoder = make_encoder(data, tokenizer, model)
+    cut = []
+    for raw in read_records([f"{eval_dir}/shard-*.tar"], limit):
+        example = encoder(raw)
+        first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+        cut.append(dataclasses.replace(example, input_ids=example.input_ids[:first], labels=example.labels[:first]))
+    return cut
+
+
+def prefill_costs(model, tokenizer, data, eval_dir: Path, limit: int) -> dict:
     """LM prefill FLOPs (forward only) and real KV-cache slots over `limit` held-out prompts, one per batch."""
     import torch
 
     from llava_train.data.collate import collate
-    from llava_train.evaluate.checkpoint import encode_questions, resolve_prompting
-    from llava_train.evaluate.questions import read_records
     from llava_train.model import context
-    from llava_train.model.io import load_any
     from llava_train.modules.mixture_of_depths import CACHED_SLOTS
     from llava_train.train.flops import StepFlops
 
-    model, tokenizer = load_any(checkpoint)
-    model.eval().requires_grad_(False)  # StepFlops then counts one forward pass
+    model.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)  # StepFlops then counts one forward pass
     flops = StepFlops.for_model(model)
-    records = read_records([f"{eval_dir}/shard-*.tar"], limit)
-    questions, _, _ = encode_questions(records, resolve_prompting(checkpoint), tokenizer, model)
     lm_flops = kv_slots = tokens = 0
-    for question in questions:
-        batch = collate([question.example], tokenizer.pad_token_id, model.image_token_id)
+    for example in prompts(data, model, tokenizer, eval_dir, limit):
+        batch = collate([example], tokenizer.pad_token_id, model.image_token_id)
         lm_flops += flops.for_batch(batch)
         tokens += batch.num_tokens
         with torch.no_grad(), context.activate(model.forward_context(batch)):
@@ -68,8 +89,71 @@ def prefill_costs(checkpoint: Path, eval_dir: Path, limit: int) -> dict:
         for layer in out.past_key_values.layers:
             real = getattr(layer, CACHED_SLOTS, None)
             kv_slots += int(real.sum()) if real is not None else layer.get_seq_length()
-    return {"prompts": len(questions), "prompt_tokens": tokens, "lm_prefill_flops": lm_flops, "kv_slots": kv_slots,
-            "vision_flops_per_image": flops.vision(1)}
+    for param in trainable:
+        param.requires_grad_(True)
+    return {"prompts": limit, "prompt_tokens": tokens, "lm_prefill_flops": lm_flops, "kv_slots": kv_slots}
+
+
+def build_variant(recipe_path: Path, workdir: Path):
+    import torch
+
+    from llava_train.demo import demo_overrides
+    from llava_train.model.build import apply_stage, build_model, load_tokenizer
+    from llava_train.modules.attach import attach_modules, release_module_parameters
+    from llava_train.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, demo_overrides(workdir, "sft", None) + ["stage.init_from=null"])
+    tokenizer = load_tokenizer(recipe.model.tokenizer)
+    torch.manual_seed(0)
+    model = build_model(recipe.model, tokenizer)
+    attach_modules(model, recipe.modules)
+    apply_stage(model, recipe.stage)
+    release_module_parameters(model)
+    return recipe, model, tokenizer
+
+
+def sft_batches(recipe, model, tokenizer, workdir: Path, count: int, size: int):
+    from llava_train.data.collate import collate
+    from llava_train.data.pipeline import make_encoder
+    from llava_train.evaluate.questions import read_records
+
+    encoder = make_encoder(recipe.data, tokenizer, model)
+    examples = [encoder(raw) for raw in read_records([f"{workdir / 'data' / 'sft'}/shard-*.tar"], count * size)]
+    return [collate(examples[i:i + size], tokenizer.pad_token_id, model.image_token_id)
+            for i in range(0, count * size, size)]
+
+
+def costs_only(args, workdir: Path) -> None:
+    import torch
+
+    from llava_train.objectives.lm import cross_entropy_sum
+    from llava_train.train.flops import StepFlops
+
+    models = {name: build_variant(path, workdir) for name, path in VARIANTS.items()}
+    recipe, dense, tokenizer = models["dense"]
+    batches = sft_batches(recipe, dense, tokenizer, workdir, args.batches, recipe.train.micro_batch_size)
+    results = {name: {"train_step_flops": sum(StepFlops.for_model(m).for_batch(b) for b in batches), "times": []}
+               for name, (_, m, _) in models.items()}
+    for _ in range(args.rounds):
+        for name, (recipe, model, _) in models.items():
+            model.train()
+            start = time.perf_counter()
+            for batch in batches:
+                hidden = model(batch).hidden_states
+                cross_entropy_sum(hidden, model.output_embeddings, batch.labels, recipe.stage.loss).loss.backward()
+            model.zero_grad(set_to_none=True)
+            results[name]["times"].append((time.perf_counter() - start) / len(batches))
+    for name, (recipe, model, tokenizer) in models.items():
+        results[name].update(step_time_s=statistics.median(results[name]["times"]),
+                             **prefill_costs(model, tokenizer, recipe.data, workdir / "data" / "eval", args.prefill_prompts))
+    dense, mod = results["dense"], results["p-MoD"]
+    ratios = {key: mod[value] / dense[value] for key, value in
+              [("step_time", "step_time_s"), ("train_step_flops", "train_step_flops"),
+               ("lm_prefill_flops", "lm_prefill_flops"), ("kv_cache", "kv_slots")]}
+    out = {"args": vars(args), "results": results, "ratios": ratios}
+    (workdir / "bench_mod_costs.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps({"ratios": ratios, **{n: {k: v for k, v in r.items() if k != "times"} for n, r in results.items()}},
+                     indent=2))
 
 
 def main() -> None:
@@ -81,30 +165,36 @@ def main() -> None:
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--prefill-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--costs-only", action="store_true", help="no training: cost ratios on random-init weights")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=2)
     args = parser.parse_args()
 
     import torch
 
     from data_tools.demo_data import build_demo_data
     from llava_train.demo import evaluate_accuracy
+    from llava_train.model.io import load_any
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     start = time.perf_counter()
     build_demo_data(workdir / "data", num_train=args.num_train, num_eval=args.num_eval, image_size=64, seed=0,
                     samples_per_shard=250)
-    pretrain = train(REPO / "recipes/demo/pretrain.yaml", workdir, "pretrain", "pretrain", args.pretrain_steps, [])
+    if args.costs_only:
+        return costs_only(args, workdir)
+    pretrain, _ = train(REPO / "recipes/demo/pretrain.yaml", workdir, "pretrain", "pretrain", args.pretrain_steps, [])
     results = {}
     for name, recipe in VARIANTS.items():
         stage = f"sft_{name.lower().replace('-', '')}"
-        run = train(recipe, workdir, stage, "sft", args.sft_steps, [f"stage.init_from={pretrain.checkpoint}"])
+        run, trained = train(recipe, workdir, stage, "sft", args.sft_steps, [f"stage.init_from={pretrain.checkpoint}"])
         report = evaluate_accuracy(run.checkpoint, workdir / "data" / "eval", template="vicuna_v1")
         results[name] = {
             "accuracy": report["accuracy"],
             "eval_questions": report["eval_questions"],
             "final_loss": run.last_loss,
             "step_time_s": median_step_time(workdir / stage),
-            **prefill_costs(Path(run.checkpoint), workdir / "data" / "eval", args.prefill_prompts),
+            **prefill_costs(*load_any(run.checkpoint), trained.data, workdir / "data" / "eval", args.prefill_prompts),
         }
     dense, mod = results["dense"], results["p-MoD"]
     ratios = {
