@@ -14,6 +14,7 @@ budget (fresh models, steps interleaved across the budgets over `--rounds` round
 the medians), the training FLOPs per sample and the inference prefill FLOPs per question (train/flops.py's
 model: forward only, the mean eval prompt at that budget). Prints one table, writes WORKDIR/results.json and,
 with `--plot`, accuracy per qtype against budget. A finished variant's checkpoint is reused on a rerun.
+`--timing-only` stops after the step times and FLOPs (WORKDIR/timing.json): no training, no evaluation.
 """
 
 from __future__ import annotations
@@ -278,6 +279,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per (variant, budget), interleaved")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--timing-only", action="store_true", help="step time and FLOPs only: no training, no eval")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from data_tools.demo_data import build_demo_data
@@ -293,50 +295,62 @@ def main() -> None:
     points = {(name, b): Point(args, data, name, *specs[name], b, examples) for name, b in timed}
     time_points(list(points.values()), args.rounds)
     text_tokens = mean_prompt_text_tokens(data, args.eval_samples)
-
+    print(f"\nstep time over {args.rounds} interleaved steps of {args.batch} samples; mean held-out prompt "
+          f"{text_tokens:.1f} text tokens + the visual tokens")
+    report(args, specs, points, text_tokens, {}, "timing.json")
+    if args.timing_only:
+        return
     evals, train_s = {}, {}
     for name, (connector, options) in specs.items():
         checkpoint, train_s[name] = train(args, data, name, connector, options)
-        offered = {"mlp": [None], "mqt": args.budgets}.get(name) or options.get("budgets") or options["scales"]
-        evals[name] = evaluate(args, data, checkpoint, offered)
-
-    base = points[("mlp", None)]
-    base_ms, base_prefill = statistics.median(base.times) * 1000, prefill_flops(base, text_tokens)
-    rows = []
-    for name, summaries in evals.items():
-        for budget, summary in sorted(summaries.items(), key=lambda kv: -(kv[1]["visual_tokens"])):
-            timing, same = _points_for(name, budget)
-            point, step_ms = points[same], statistics.median(points[timing].times) * 1000
-            prefill = prefill_flops(point, text_tokens)
-            rows.append({
-                "variant": name, "budget": budget, "tokens": summary["visual_tokens"], "step_ms": step_ms,
-                "samples_per_s": args.batch / step_ms * 1000, "speedup": base_ms / step_ms,
-                "train_gflops_per_sample": points[timing].train_flops_per_sample / 1e9, "prefill_gflops": prefill / 1e9,
-                "prefill_ratio": base_prefill / prefill, "eval": summary,
-            })
-    rows.sort(key=lambda r: (list(specs).index(r["variant"]), -r["tokens"]))
-    print(f"\n{args.steps} steps x {args.batch} samples each; eval on {args.eval_samples} held-out questions; "
-          f"mean prompt {text_tokens:.1f} text tokens + the visual tokens")
-    print(table(rows))
+        evals[name] = evaluate(args, data, checkpoint, offered(args, name, options))
+    print(f"\n{args.steps} steps x {args.batch} samples each; eval on {args.eval_samples} held-out questions")
+    rows = report(args, specs, points, text_tokens, evals, "results.json")
     print("training wall time (s, same steps): " + ", ".join(f"{n} {s:.0f}" for n, s in train_s.items()))
-    if args.m3:
-        sample_ms = statistics.mean(statistics.median(points[("m3_sample", s)].times) for s in SCALES) * 1000
-        average_ms = statistics.median(points[("m3_average", max(SCALES))].times) * 1000
-        print(f"M3 step time: sample {sample_ms:.0f} ms (mean over its scales), average {average_ms:.0f} ms "
-              f"({average_ms / sample_ms:.2f}x)")
     at16 = next((r for r in rows if r["variant"] == "mqt" and r["tokens"] == 16), None)
     mlp = next(r for r in rows if r["variant"] == "mlp")
     if at16 is not None:
         colour = (accuracy(at16["eval"], "colour") - accuracy(mlp["eval"], "colour")) * 100
         print(f"target: mqt at m=16 trains {at16['speedup']:.2f}x the mlp connector's samples/s (target >= 3x); "
               f"colour {colour:+.1f} points against mlp (target within 2)")
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "text_tokens": text_tokens, "train_s": train_s,
-               "rows": [{k: v for k, v in r.items() if k != "eval"} | {"accuracy": accuracy(r["eval"]),
-                        **{q: accuracy(r["eval"], q) for q in QTYPES}} for r in rows]}
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")
+
+
+def offered(args, name: str, options: dict) -> list:
+    """The budgets a variant is evaluated at: all it offers (the mlp connector: its fixed count)."""
+    return {"mlp": [None], "mqt": args.budgets}.get(name) or options.get("budgets") or options["scales"]
+
+
+def report(args, specs, points, text_tokens: float, evals: dict, filename: str) -> list[dict]:
+    """Print the table (accuracy where evaluated) and write it to WORKDIR/filename; the rows."""
+    base = points[("mlp", None)]
+    base_ms, base_prefill = statistics.median(base.times) * 1000, prefill_flops(base, text_tokens)
+    rows = []
+    for name, (_, options) in specs.items():
+        for budget in offered(args, name, options):
+            timing, same = _points_for(name, budget)
+            step_ms = statistics.median(points[timing].times) * 1000
+            prefill = prefill_flops(points[same], text_tokens)
+            rows.append({
+                "variant": name, "budget": budget, "tokens": points[same].tokens, "step_ms": step_ms,
+                "samples_per_s": args.batch / step_ms * 1000, "speedup": base_ms / step_ms,
+                "train_gflops_per_sample": points[timing].train_flops_per_sample / 1e9, "prefill_gflops": prefill / 1e9,
+                "prefill_ratio": base_prefill / prefill, "eval": evals.get(name, {}).get(budget),
+            })
+    rows.sort(key=lambda r: (list(specs).index(r["variant"]), -r["tokens"]))
+    print(table(rows))
+    if args.m3:
+        sample_ms = statistics.mean(statistics.median(points[("m3_sample", s)].times) for s in SCALES) * 1000
+        average_ms = statistics.median(points[("m3_average", max(SCALES))].times) * 1000
+        print(f"M3 step time: sample {sample_ms:.0f} ms (mean over its scales), average {average_ms:.0f} ms "
+              f"({average_ms / sample_ms:.2f}x)")
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "text_tokens": text_tokens,
+               "rows": [{k: v for k, v in r.items() if k != "eval"} | {"accuracy": accuracy(r["eval"]),
+                        **{q: accuracy(r["eval"], q) for q in QTYPES}} for r in rows]}
+    (args.workdir / filename).write_text(json.dumps(results, indent=2))
+    return rows
 
 
 if __name__ == "__main__":
