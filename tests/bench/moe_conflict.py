@@ -20,7 +20,7 @@ import argparse
 import json
 import math
 import shutil
-import time
+import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,6 +147,7 @@ def trained_once(recipe_file: Path, overrides: list[str], data: Path) -> Path:
     """A stage's final checkpoint, reused when its output folder already holds it from the same recipe, made
     after the data (and tokenizer) were built."""
     from llava_train.recipe import load_recipe
+    from llava_train.train.trainer import Trainer
 
     recipe = load_recipe(recipe_file, overrides)
     out = Path(recipe.train.output_dir)
@@ -155,20 +156,36 @@ def trained_once(recipe_file: Path, overrides: list[str], data: Path) -> Path:
     if final.is_dir() and saved.is_file() and saved.read_text() == recipe.to_yaml() and \
             final.stat().st_mtime > (data / STAMP).stat().st_mtime:
         return final
-    return train(recipe_file, overrides)[1].checkpoint
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: no earlier metrics or checkpoints
+    return Trainer(recipe).train().checkpoint
 
 
-def train(recipe_file: Path, overrides: list[str]):
+def run_summary(output_dir: Path) -> dict:
+    """Median step time, last logged training loss and final eval loss, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step_time_s" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return {"median_step_s": statistics.median(r["step_time_s"] for r in steps), "last_loss": steps[-1]["loss"],
+            "eval_loss": evals[-1] if evals else float("nan"), "steps": steps[-1]["step"]}
+
+
+def evaluated_once(name: str, checkpoint: Path, data: Path) -> dict:
+    """A variant's accuracy (and routing, for MoE-LoRA), reused from its result.json when newer than the
+    checkpoint: variants can train in separate processes and one last run assembles the report."""
+    from llava_train.model.io import load_model_files
     from llava_train.recipe import load_recipe
-    from llava_train.train.trainer import Trainer
 
-    recipe = load_recipe(recipe_file, overrides)
-    shutil.rmtree(recipe.train.output_dir, ignore_errors=True)  # a fresh run: no earlier metrics or checkpoints
-    start = time.perf_counter()
-    result = Trainer(recipe).train()
-    rows = [json.loads(line) for line in (Path(recipe.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    step_times = sorted(r["step_time_s"] for r in rows if "step_time_s" in r)
-    return recipe, result, {"wall_s": time.perf_counter() - start, "median_step_s": step_times[len(step_times) // 2]}
+    result_file = checkpoint.parent.parent / "result.json"
+    if result_file.is_file() and result_file.stat().st_mtime > checkpoint.stat().st_mtime:
+        return json.loads(result_file.read_text())
+    recipe = load_recipe(checkpoint.parent.parent / "recipe.yaml")
+    model, tokenizer = load_model_files(checkpoint)
+    result = {"run": run_summary(checkpoint.parent.parent),
+              "accuracy": accuracy(model, tokenizer, recipe.data.template, data / "eval")}
+    if name == "moe_lora":
+        result["routing"] = routing(model, tokenizer, recipe, data / "eval")
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -322,7 +339,7 @@ def print_report(report: dict) -> None:
             print(f"  {tokens:<7} {domain:<6} {cells}")
     print("\ntraining (same steps, lr, data)")
     for name, run in report["runs"].items():
-        print(f"  {name:<9} median step {run['median_step_s']:.2f} s, wall {run['wall_s']:.0f} s, "
+        print(f"  {name:<9} {run['steps']} steps, median step {run['median_step_s']:.2f} s, "
               f"final loss {run['last_loss']:.3f}, eval loss {run['eval_loss']:.3f}")
 
 
@@ -345,9 +362,10 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--plot", default=str(REPO / "docs" / "techniques" / "moe_routing.png"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default="lora,moe_lora",
+                        help="train/evaluate only these (e.g. one per process on a busy machine); the run with both reports")
     args = parser.parse_args()
-
-    from llava_train.model.io import load_model_files
+    args.variants = args.variants.split(",")
 
     work = Path(args.workdir)
     spec = DataSpec(num_train=args.num_train, num_eval=args.num_eval, questions=args.questions,
@@ -362,17 +380,20 @@ def main() -> None:
         start = trained_once(RECIPES / "sft.yaml", common + [
             f"stage.init_from={start}", f"data.train=[{data}/base_sft/shard-*.tar]", "data.eval=[]",
             "train.eval_every=0", f"train.max_steps={args.base_sft_steps}", f"train.output_dir={work / 'base_sft'}"], data)
-    report = {"args": vars(args), "runs": {}, "accuracy": {}}
+    results = {}
     for name, own in sft_variants(args.rank, args.experts, args.adapter_lr or args.lr).items():
-        recipe, result, timing = train(RECIPES / "sft.yaml", common + own + [
+        if name not in args.variants:
+            continue
+        checkpoint = trained_once(RECIPES / "sft.yaml", common + own + [
             f"stage.init_from={start}", f"stage.trainable.vision={not args.base_sft_steps}",
             f"data.train=[{data}/sft/shard-*.tar]", f"data.eval=[{data}/eval/*/shard-*.tar]", "train.eval_every=0",
-            f"train.max_steps={args.steps}", f"train.lr={args.lr}", f"train.output_dir={work / name}"])
-        report["runs"][name] = {**timing, "last_loss": result.last_loss, "eval_loss": result.eval_loss}
-        model, tokenizer = load_model_files(result.checkpoint)
-        report["accuracy"][name] = accuracy(model, tokenizer, recipe.data.template, data / "eval")
-        if name == "moe_lora":
-            report["routing"] = routing(model, tokenizer, recipe, data / "eval")
+            f"train.max_steps={args.steps}", f"train.lr={args.lr}", f"train.output_dir={work / name}"], data)
+        results[name] = evaluated_once(name, checkpoint, data)
+    if set(results) != {"lora", "moe_lora"}:
+        print(f"trained and evaluated {sorted(results)}; run both variants for the report")
+        return
+    report = {"args": vars(args), "runs": {n: r["run"] for n, r in results.items()},
+              "accuracy": {n: r["accuracy"] for n, r in results.items()}, "routing": results["moe_lora"]["routing"]}
     (work / "report.json").write_text(json.dumps(report, indent=1))
     plot_routing(report["routing"], Path(args.plot))
     print_report(report)
