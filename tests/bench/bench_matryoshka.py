@@ -117,9 +117,12 @@ class Point:
                              tokens_per_image=self.tokens, visual_budget=budget)
         self.name, self.budget, self.times = name, budget, []
         self.flops = StepFlops.for_model(self.model)
-        lm = sum(self.flops.lm(b.num_tokens, b.input_ids.shape[1], b.num_supervised_tokens)
-                 for b in _step_batches(self.objective, self.batch, tokenizer.pad_token_id))
-        self.train_flops_per_sample = (lm + self.flops.vision(self.batch.pixel_values.shape[0])) / self.batch.num_samples
+        images = self.batch.pixel_values.shape[0]
+        per_forward = [  # each forward runs tower, connector and LM (M3 `average`: once per scale)
+            self.flops.lm(b.num_tokens, b.input_ids.shape[1], b.num_supervised_tokens) + self.flops.vision(images)
+            for b in _step_batches(self.objective, self.batch, tokenizer.pad_token_id)
+        ]
+        self.train_flops_per_sample = sum(per_forward) / self.batch.num_samples
 
     def step(self) -> None:
         start = time.perf_counter()
