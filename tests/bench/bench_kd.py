@@ -120,7 +120,7 @@ def memory_child(variant: str, tokens: int, vocab: int, dim: int) -> dict:
         loss = naive_distillation(hidden, weight, teacher_hidden @ teacher_weight.T, DivergenceSpec())
     else:
         loss = chunked_distillation(hidden, weight, lambda rows: teacher_hidden[rows] @ teacher_weight.T,
-                                    DivergenceSpec(), chunk_size=1024)
+                                    DivergenceSpec(), chunk_size=128)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"peak_gib": (peak - baseline) / 2**30, "seconds": time.perf_counter() - start}
