@@ -1,6 +1,6 @@
 """LLaVA-MoLE's claim at small scale: plain LoRA vs MoE-LoRA on instruction data whose formats conflict.
 
-    OMP_NUM_THREADS=1 nice -n 10 python tests/bench/moe_conflict.py [--workdir runs/moe_conflict] [--steps 150]
+    OMP_NUM_THREADS=1 nice -n 10 python tests/bench/moe_conflict.py [--workdir runs/moe_conflict] [--steps 60]
 
 Two domains ask the same questions about the demo's coloured shapes (drawn with data_tools/demo_data.py's
 scene primitives, every size explicit in `DataSpec`) but want different answer formats, told apart only by a
@@ -354,9 +354,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=120)
     parser.add_argument("--base-sft-steps", type=int, default=150,
                         help="a full SFT (LM trained) on cue-free questions between pretrain and the adapters; 0: none")
-    parser.add_argument("--steps", type=int, default=150, help="SFT steps of each run")
+    parser.add_argument("--steps", type=int, default=60, help="SFT steps of each adapter run")
     parser.add_argument("--lr", type=float, default=1e-3, help="SFT lr of the connector and tower")
-    parser.add_argument("--adapter-lr", type=float, default=None, help="SFT lr of the adapters (default: --lr)")
+    parser.add_argument("--adapter-lr", type=float, default=2e-3, help="lr of the adapters (LoRA and MoE-LoRA alike)")
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--precision", default="bf16")
