@@ -23,6 +23,16 @@ def dpo_recipe(demo_data, out, shards, objective=None, stage="sft_lora", **train
     return recipe
 
 
+def randomise_lora_b(model, seed: int = 0, scale: float = 0.5) -> None:
+    """LoRA B drawn at random, so that the policy differs from its adapters-disabled reference (at B = 0 they
+    are equal and every margin is zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 

@@ -16,7 +16,7 @@ from llava_train.objectives import BuildContext, build_objective
 from llava_train.objectives import dpo_precompute, dpo_reference
 from llava_train.recipe import RecipeError, validate_recipe
 from llava_train.train.trainer import Trainer
-from tests.test_dpo import dpo_recipe
+from tests.test_dpo import dpo_recipe, randomise_lora_b
 from tests.test_groups import pair_shards  # noqa: F401  (a fixture: convert-pairs output)
 
 
@@ -35,11 +35,7 @@ def recipe(demo_data, out, shards, **objective):
 def loss_and_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
     """The objective on the first micro-batch, with LoRA B drawn at random so that the policy differs from
     its adapters-disabled reference (at B = 0 they are equal and the margins zero)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in sorted(trainer.model.named_parameters()):
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    randomise_lora_b(trainer.model)
     batch = next(iter(trainer.loader))
     out = trainer.objective(trainer.model, batch)
     out.loss_sum.backward()

@@ -17,7 +17,7 @@ from llava_train.objectives.dpo import pair_indices
 from llava_train.objectives.preference import crop_box, diff_changed, diff_token_weights, sequence_scores
 from llava_train.recipe import validate_recipe
 from llava_train.train.trainer import Trainer
-from tests.test_dpo import dpo_recipe
+from tests.test_dpo import dpo_recipe, randomise_lora_b
 from tests.test_groups import pair_shards  # noqa: F401  (a fixture: convert-pairs output)
 
 BETA = 0.1
@@ -28,11 +28,7 @@ def policy(demo_data, pair_shards, tmp_path_factory):  # noqa: F811
     """A LoRA policy whose B is drawn at random (so it differs from its adapters-disabled reference), and a
     micro-batch of 4 pairs, 3 of them with an image."""
     trainer = Trainer(validate_recipe(dpo_recipe(demo_data, tmp_path_factory.mktemp("dpo_variants"), pair_shards)))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in sorted(trainer.model.named_parameters()):
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    randomise_lora_b(trainer.model)
     batch = next(iter(trainer.loader))
     assert batch.pixel_values is not None and batch.num_groups == 4
     return trainer, batch

@@ -96,13 +96,7 @@ class KnowledgeDistillation(Objective):
         projector = bool(o.rdist_weight) and o.rdist_level == "projector"
         captured = relation.Capture(model.connector, self.teacher.connector, on=projector)
         with captured:
-            out = model(batch)
-            t_batch = self._teacher_batch(model, batch)
-            with torch.no_grad():
-                t_out = self.teacher(t_batch)
-        s_mask, _ = supervised_positions(batch.labels)
-        t_mask, _ = supervised_positions(t_batch.labels)
-        student_rows, teacher_rows = out.hidden_states[:, :-1][s_mask], t_out.hidden_states[:, :-1][t_mask]
+            out, t_out, t_batch, student_rows, teacher_rows = self._both_forwards(model, batch)
         ce = cross_entropy_sum(out.hidden_states, model.output_embeddings, batch.labels, self.loss_config)
         mdist = self.divergence(model, student_rows, teacher_rows)
         loss_sum = o.ce_weight * ce.loss + o.mdist_weight * mdist
@@ -163,6 +157,17 @@ class KnowledgeDistillation(Objective):
             return weight, bias
         return weight[:n], None if bias is None else bias[:n]
 
+    def _both_forwards(self, model, batch):
+        """Student and (no-grad) teacher forwards, and each one's hidden states at the answer positions,
+        which align row for row: both batches hold the same text, only their visual spans may differ."""
+        out = model(batch)
+        t_batch = self._teacher_batch(model, batch)
+        with torch.no_grad():
+            t_out = self.teacher(t_batch)
+        s_mask, _ = supervised_positions(batch.labels)
+        t_mask, _ = supervised_positions(t_batch.labels)
+        return out, t_out, t_batch, out.hidden_states[:, :-1][s_mask], t_out.hidden_states[:, :-1][t_mask]
+
     def _teacher_batch(self, model, batch):
         student_tokens = model.connector.visual_tokens().num_tokens(batch.visual_budget)
         t = self.teacher
@@ -176,14 +181,8 @@ class KnowledgeDistillation(Objective):
         The divergence is averaged over the sampled tokens and weighted by the batch's supervised-token
         count, which the trainer's normaliser already counted before this forward."""
         sampled = on_policy.sample_batch(model, batch, self, self.options)
-        out = model(sampled)
-        t_batch = self._teacher_batch(model, sampled)
-        with torch.no_grad():
-            t_out = self.teacher(t_batch)
-        s_mask, _ = supervised_positions(sampled.labels)
-        t_mask, _ = supervised_positions(t_batch.labels)
-        rows = out.hidden_states[:, :-1][s_mask]
-        mdist = self.divergence(model, rows, t_out.hidden_states[:, :-1][t_mask])
+        out, _, _, rows, teacher_rows = self._both_forwards(model, sampled)
+        mdist = self.divergence(model, rows, teacher_rows)
         count = batch.num_supervised_tokens
         mean = mdist / max(rows.shape[0], 1)
         metrics = {**out.aux_metrics, "on_policy_mdist": float(mean.detach()), "on_policy_tokens": float(rows.shape[0])}
