@@ -124,13 +124,27 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
 
 
 def build_optimizer(groups: list[dict], recipe: Recipe):
-    optimizer = torch.optim.AdamW(groups, lr=recipe.train.lr, betas=recipe.train.betas)
+    optimizer = _adamw(groups, lr=recipe.train.lr, betas=recipe.train.betas)
     total = recipe.train.max_steps
     warmup = math.ceil(recipe.train.warmup_ratio * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total, warmup, recipe.train.min_lr_ratio)
     )
     return optimizer, schedule
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel for floating-point tensors
+
+
+def _adamw(groups: list[dict], **options) -> torch.optim.AdamW:
+    """AdamW with one fused kernel per step where torch has one for these parameters' device and dtype,
+    else its multi-tensor (foreach) path. torch's default on a CPU is a Python loop over parameters,
+    several times slower at LLaVA sizes. Same update rule, so the states agree to rounding
+    (tests/test_optimizer.py). DeepSpeed steps this object under every ZeRO stage: it swaps each group's
+    parameters for fp32 partitions on the same device (the CPU under offload), which the kernel also takes."""
+    params = [p for group in groups for p in group["params"]]
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, **options, **({"fused": True} if fused else {"foreach": True}))
 
 
 def initialize_engine(module: nn.Module, optimizer, schedule, ds_config: dict):

@@ -3,14 +3,20 @@
 Same model shape (`--shape`: `cpu`, the default, is an 8-layer 512-wide Llama LM with a 32k vocabulary
 and a 6-layer CLIP-style ViT at 224 px with 16-px patches; `qwen2-0.5b` is Qwen2-0.5B's LM with a
 CLIP-L/336 tower; `tiny` is for smoke tests; towers frozen), same initial weights (random, from config
-dicts), same LLaVA-Instruct-like data (data_tools/synthetic.py: identical JPEG bytes, identical tokens
-and labels from the same template), same global batch and precision. The HF side pads to the longest
-row and computes logits at every position, as LLaVA does.
+dicts), same data, same global batch and precision. The data is LLaVA-Instruct-like synthetic data
+(data_tools/synthetic.py) or, with `--llava-json F --image-root DIR`, any LLaVA-format JSON + image folder:
+llava_train reads it converted by `data convert-llava` (data_tools/convert_llava.py), the HF side reads the
+JSON itself; the tokenizer is trained on its texts. The HF side pads to the longest row and computes logits
+at every position, as LLaVA does.
 
-Each run is a fresh subprocess (so peak memory is its own), and the two sides alternate
-round by round so machine drift cancels. Prints one table; nothing is asserted.
+Each run is a fresh subprocess (so peak memory is its own), and the two sides alternate round by round so
+machine drift cancels. `--precision both` (the default) runs bf16 (autocast on a CPU) and fp32 in one run.
+Prints one table per precision with each side's step-time split (vision, LM forward, backward, optimizer,
+data) and memory (peak RSS, parameters + optimizer states, the rest); nothing is asserted.
 
     python tests/bench/bench_vs_hf.py --rounds 2 --steps 6 --warmup 2 [--precision bf16] [--packing]
+    python tests/bench/foreign_llava.py runs/foreign --num 256
+    python tests/bench/bench_vs_hf.py --llava-json runs/foreign/llava_instruct.json --image-root runs/foreign/images
     python tests/bench/bench_vs_hf.py --device cuda --shape qwen2-0.5b --precision bf16 --packing --zero-stage 2
 """
 
@@ -71,20 +77,46 @@ SHAPES = {
 TEMPLATE = "vicuna_v1"
 
 
-def prepare(workdir: Path, num_samples: int, shape: dict) -> dict:
-    """Synthetic data at the tower's resolution and a local tokenizer with exactly the LM's vocabulary
-    size (a small BPE padded with unused ids), so embedding and head have the real model's shapes."""
+def prepare(workdir: Path, args, shape: dict) -> dict:
+    """The data (synthetic at the tower's resolution, or the user's LLaVA JSON converted to shards) and a
+    local tokenizer trained on its texts with exactly the LM's vocabulary size (a small BPE padded with
+    unused ids), so embedding and head have the real model's shapes."""
     from data_tools.demo_data import template_texts
     from data_tools.synthetic import build_instruct_like, vocabulary_texts
     from data_tools.tokenizer import pad_vocabulary, train_tokenizer
 
     size, vocab = shape["vision"]["image_size"], shape["lm"]["vocab_size"]
-    paths = build_instruct_like(workdir / f"data-{size}px-{num_samples}", num_samples, image_size=size)
-    tokenizer_dir = workdir / f"tokenizer-{vocab}"
+    if args.llava_json:
+        paths = convert_foreign(workdir, Path(args.llava_json), Path(args.image_root))
+        texts, name = llava_texts(paths["json"]), f"tokenizer-{vocab}-{paths['shards'].name}"
+    else:
+        paths = build_instruct_like(workdir / f"data-{size}px-{args.samples}", args.samples, image_size=size)
+        texts, name = vocabulary_texts(), f"tokenizer-{vocab}"
+    tokenizer_dir = workdir / name
     if not tokenizer_dir.is_dir():
-        train_tokenizer(vocabulary_texts() + template_texts(), tokenizer_dir)
+        train_tokenizer(texts + template_texts(), tokenizer_dir)
         pad_vocabulary(tokenizer_dir, vocab)
     return {**{k: str(v) for k, v in paths.items()}, "tokenizer": str(tokenizer_dir)}
+
+
+def convert_foreign(workdir: Path, json_file: Path, image_root: Path) -> dict[str, Path]:
+    """`llava-train data convert-llava JSON --image-root DIR`, once per JSON (by content)."""
+    import hashlib
+
+    from data_tools.convert_common import ConvertOptions
+    from data_tools.convert_llava import convert_llava
+
+    if not json_file.is_file() or not image_root.is_dir():
+        raise SystemExit(f"--llava-json {json_file} must be a file and --image-root {image_root} a folder")
+    shards = workdir / f"foreign-{hashlib.sha1(json_file.read_bytes()).hexdigest()[:10]}"
+    if not (shards / "summary.json").is_file():
+        convert_llava(json_file, ConvertOptions(out_dir=shards, image_root=image_root, progress=False))
+    return {"json": json_file, "images": image_root, "shards": shards}
+
+
+def llava_texts(json_file: Path) -> list[str]:
+    records = json.loads(Path(json_file).read_text())
+    return [turn["value"].replace("<image>", "") for record in records for turn in record["conversations"]]
 
 
 def recipe_dict(paths: dict, out: Path, args) -> dict:
@@ -130,8 +162,13 @@ def run_ours(paths: dict, out: Path, args) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "loss" in r and r["step"] > args.warmup]
     report = summarise(timed)  # llava-train bench's numbers: throughput, step-time split, MFU
-    keys = ("samples_per_s", "tokens_per_s", "supervised_tokens_per_s", "step_time_s", "mfu", "mfu_lm_only")
-    return {**{k: report[k] for k in keys}, "data_share": report["split_s"]["data"] / report["step_time_s"]}
+    keys = ("samples_per_s", "tokens_per_s", "supervised_tokens_per_s", "step_time_s", "mfu", "mfu_lm_only",
+            "padding_fraction")
+    split = {f"time/{phase}": seconds for phase, seconds in report["split_s"].items()}
+    first = next(r for r in rows if "model_state_gb/parameters" in r)  # logged once, after the first step
+    states = first["model_state_gb/parameters"] + first["model_state_gb/optimizer"]
+    supervised = sum(r["supervised_tokens"] for r in timed) / sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    return {**{k: report[k] for k in keys}, **split, "model_states_gb": states, "supervised_share": supervised}
 
 
 def build_initial_weights(paths: dict, shape: dict):
@@ -159,6 +196,7 @@ class LlavaJsonDataset:
         self.records = json.loads(Path(paths["json"]).read_text())
         self.image_root = Path(paths["images"])
         self.template = get_template(TEMPLATE, tokenizer)
+        self.records = [r for r in self.records if "image" not in r or Path(self.image_root, r["image"]).is_file()]
         self.images = ImageProcessor(shape["vision"]["image_size"], *CLIP_MEAN_STD, "resize")
         self.tokens_per_image = tokens_per_image
         self.max_length = shape["max_length"]
@@ -210,8 +248,65 @@ class PadToLongest:
         return batch
 
 
+class HfClock:
+    """Where the HF Trainer's step time goes, in the phases llava_train's timer reports: the tower's
+    forward (hooks on the vision tower), the rest of the forward (hooks on the model), backward (to the
+    optimizer step, gradient clipping included), optimizer, and data (between one step's end and the
+    next one's start). A TrainerCallback marks the step boundaries."""
+
+    def __init__(self, model):
+        from transformers import TrainerCallback
+
+        self.marks: dict[str, list[float]] = {k: [] for k in ("step_begin", "pre_opt", "opt", "step_end")}
+        self.forward = [0.0, 0.0]  # model, tower: seconds in the current step
+        self.per_step: list[tuple[float, float]] = []
+        clock = self
+
+        class Marks(TrainerCallback):
+            def on_step_begin(self, *_, **__):
+                clock.marks["step_begin"].append(time.perf_counter())
+                clock.forward = [0.0, 0.0]
+
+            def on_pre_optimizer_step(self, *_, **__):
+                clock.marks["pre_opt"].append(time.perf_counter())
+
+            def on_optimizer_step(self, *_, **__):
+                clock.marks["opt"].append(time.perf_counter())
+
+            def on_step_end(self, *_, **__):
+                clock.marks["step_end"].append(time.perf_counter())
+                clock.per_step.append(tuple(clock.forward))
+
+        self.callback = Marks()
+        self._time(model, 0)
+        self._time(model.model.vision_tower, 1)
+
+    def _time(self, module, slot: int) -> None:
+        started: list[float] = []
+        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+        module.register_forward_hook(lambda *_: self._add(slot, time.perf_counter() - started.pop()))
+
+    def _add(self, slot: int, seconds: float) -> None:
+        self.forward[slot] += seconds
+
+    def split(self, timed: slice) -> dict:
+        m = self.marks
+        steps = range(len(m["step_end"]))[timed]
+        mean = lambda values: statistics.median(values)  # noqa: E731 (the median, as ours reports)
+        forward = [self.per_step[k][0] for k in steps]
+        vision = [self.per_step[k][1] for k in steps]
+        return {
+            "time/vision": mean(vision),
+            "time/lm_forward": mean([f - v for f, v in zip(forward, vision)]),
+            "time/backward": mean([m["pre_opt"][k] - m["step_begin"][k] - f for k, f in zip(steps, forward)]),
+            "time/optimizer": mean([m["opt"][k] - m["pre_opt"][k] for k in steps]),
+            "time/data": mean([m["step_begin"][k] - m["step_end"][k - 1] for k in steps]),
+        }
+
+
 def run_hf(paths: dict, out: Path, args) -> dict:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    import torch
+    from transformers import Trainer, TrainingArguments
 
     from llava_train.model.build import apply_stage
     from llava_train.recipe import StageConfig
@@ -221,11 +316,8 @@ def run_hf(paths: dict, out: Path, args) -> dict:
     model, hf, tokenizer = build_initial_weights(paths, shape)
     hf.model.vision_tower.requires_grad_(False)
     collator = PadToLongest(tokenizer.pad_token_id)
-    step_ends: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            step_ends.append(time.perf_counter())
+    clock = HfClock(hf)
+    step_ends = clock.marks["step_end"]
 
     training_args = TrainingArguments(
         output_dir=str(out),
@@ -247,8 +339,11 @@ def run_hf(paths: dict, out: Path, args) -> dict:
     )
     dataset = LlavaJsonDataset(paths, tokenizer, model.tokens_per_image, shape)
     trainer = Trainer(model=hf, args=training_args, train_dataset=dataset, data_collator=collator)
-    trainer.add_callback(StepClock())
+    trainer.add_callback(clock.callback)
     trainer.train()
+    states = sum(p.numel() * p.element_size() for p in hf.parameters()) + sum(
+        v.numel() * v.element_size() for state in trainer.optimizer.state.values() for v in state.values()
+        if isinstance(v, torch.Tensor))
     seconds = step_ends[-1] - step_ends[args.warmup - 1]
     timed = slice(args.warmup, args.warmup + args.steps)
     # FLOPs as the trainer counts an unpacked batch of ours (train/flops.py): real tokens, attention over the
@@ -260,7 +355,12 @@ def run_hf(paths: dict, out: Path, args) -> dict:
     flops_lm = sum(flops.lm(tokens, width, supervised) for tokens, width, supervised in batches)
     flops_vision = flops.vision(sum(collator.images[timed]))
     peak = peak_flops(args)
+    supervised, real = sum(collator.supervised[timed]), sum(collator.tokens[timed])
     return {
+        **clock.split(timed),
+        "model_states_gb": states / 2**30,
+        "supervised_share": supervised / real,
+        "padding_fraction": 1 - real / sum(w * args.batch for w in collator.widths[timed]),
         "samples_per_s": args.batch * args.steps / seconds,
         "tokens_per_s": sum(collator.tokens[timed]) / seconds,
         "supervised_tokens_per_s": sum(collator.supervised[timed]) / seconds,
@@ -287,14 +387,23 @@ def peak_flops(args) -> float:
 def child(args) -> None:
     import torch
 
+    start_gb = current_rss_gb()  # imports only: what either side needs before building anything
     paths = json.loads(Path(args.workdir, "paths.json").read_text())
     out = Path(args.workdir) / f"run-{args.child}-{time.time_ns()}"
     result = (run_ours if args.child == "ours" else run_hf)(paths, out, args)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # Activations, logits, gradients, buffers and the data pipeline at the peak.
+    result["rest_gb"] = result["peak_rss_gb"] - start_gb - result["model_states_gb"]
     if args.device == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     result["peak_tflops"] = peak_flops(args) / 1e12
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def current_rss_gb() -> float:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def main() -> None:
@@ -305,7 +414,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
+                        help="both: bf16 (autocast on a CPU) and fp32, one table each")
+    parser.add_argument("--llava-json", help="a LLaVA-format JSON to run on instead of the synthetic data")
+    parser.add_argument("--image-root", help="the folder --llava-json's image paths are relative to")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--packed-rows", type=int, default=4, help="llava_train rows per step when packing")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu", help="model and data shapes (see SHAPES)")
@@ -317,35 +429,46 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1 (the HF side's clock starts at a warm-up step's end)")
+    if bool(args.llava_json) != bool(args.image_root):
+        parser.error("--llava-json and --image-root go together: the JSON and the folder its image paths start in")
     if args.child:
         return child(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "paths.json").write_text(json.dumps(prepare(workdir, args.samples, SHAPES[args.shape])))
+    (workdir / "paths.json").write_text(json.dumps(prepare(workdir, args, SHAPES[args.shape])))
+    precisions = ["bf16", "fp32"] if args.precision == "both" else [args.precision]
+    report = {p: compare(args, p) for p in precisions}
+    if args.json:  # the first precision's numbers at the top level, as gpu_check reads them
+        Path(args.json).write_text(json.dumps({"args": vars(args), **report[precisions[0]], "precisions": report},
+                                              indent=1))
+    for precision in precisions:
+        print_table(report[precision]["median"], args, precision)
+    failed = sorted({f"{p} {side}" for p in precisions for side in report[p]["errors"]})
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+def compare(args, precision: str) -> dict:
+    """Both sides at one precision, alternating round by round: every round's results and the medians."""
     results: dict[str, list[dict]] = {"ours": [], "hf": []}
     errors: dict[str, str] = {}
     for round_index in range(args.rounds):
         order = ("ours", "hf") if round_index % 2 == 0 else ("hf", "ours")
         for side in order:
-            result = run_side(side, args)
+            result = run_side(side, args, precision)
             if "error" in result:  # keep going: the other side's numbers still come back
                 errors[side] = result["error"]
-                print(f"round {round_index + 1} {side} failed:\n{result['error']}", flush=True)
+                print(f"{precision} round {round_index + 1} {side} failed:\n{result['error']}", flush=True)
                 continue
             results[side].append(result)
-            print(f"round {round_index + 1} {side}: {result}", flush=True)
+            print(f"{precision} round {round_index + 1} {side}: {result}", flush=True)
     summary = {side: median_of(runs) for side, runs in results.items() if runs}
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rounds": results, "median": summary,
-                                               "errors": errors}, indent=1))
-    print_table(summary, args)
-    if errors:
-        sys.exit(f"failed: {', '.join(errors)}")
+    return {"rounds": results, "median": summary, "errors": errors}
 
 
-def run_side(side: str, args) -> dict:
+def run_side(side: str, args, precision: str) -> dict:
     """One side in a fresh process: its RESULT line, or {"error": what it printed last}."""
-    cmd = [sys.executable, __file__, "--child", side] + [a for a in sys.argv[1:]]
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", side, "--precision", precision]  # the last one counts
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.child_timeout)
     except subprocess.TimeoutExpired as exc:
@@ -364,6 +487,8 @@ def median_of(runs: list[dict]) -> dict:
 
 METRICS = [
     ("samples/s", "samples_per_s", "{:.2f}"),
+    ("supervised / real tok", "supervised_share", "{:.1%}"),
+    ("padding", "padding_fraction", "{:.1%}"),
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
     ("supervised tokens/s", "supervised_tokens_per_s", "{:,.0f}"),
     ("step time (s)", "step_time_s", "{:.3f}"),
@@ -371,22 +496,27 @@ METRICS = [
     ("MFU, LM only", "mfu_lm_only", "{:.1%}"),
     ("peak GPU memory (GiB)", "peak_gpu_gb", "{:.2f}"),
     ("peak RSS (GiB)", "peak_rss_gb", "{:.2f}"),
+    ("  params + opt states", "model_states_gb", "{:.2f}"),
+    ("  the rest above start", "rest_gb", "{:.2f}"),
+    *[(f"  {phase} (ms)", f"time/{phase}", "{:.0f}") for phase in ("vision", "lm_forward", "backward", "optimizer", "data")],
 ]
 
 
-def print_table(summary: dict, args) -> None:
+def print_table(summary: dict, args, precision: str) -> None:
     peak = next((s["peak_tflops"] for s in summary.values()), float("nan"))
-    print(f"\nllava_train vs HF Llava + Trainer: shape {args.shape} on {args.device}, batch {args.batch}, "
-          f"{args.precision}, ZeRO-{args.zero_stage} (ours), {args.steps} timed steps after {args.warmup} warm-up, "
+    data = f"data {args.llava_json}" if args.llava_json else "synthetic data"
+    print(f"\nllava_train vs HF Llava + Trainer: shape {args.shape} on {args.device}, {data}, batch {args.batch}, "
+          f"{precision}, ZeRO-{args.zero_stage} (ours), {args.steps} timed steps after {args.warmup} warm-up, "
           f"median of {args.rounds} alternating rounds, packing={args.packing}; "
-          f"MFU against the measured {args.precision} matmul peak, {peak:.3g} TFLOP/s")
+          f"MFU against the measured {precision} matmul peak, {peak:.3g} TFLOP/s")
     print(f"| {'metric':<22} | {'llava_train':>12} | {'HF':>12} | {'ratio':>7} |")
     print(f"|{'-' * 24}|{'-' * 14}|{'-' * 14}|{'-' * 9}|")
     ours, hf = summary.get("ours", {}), summary.get("hf", {})
     for label, key, form in METRICS:
         if key not in ours and key not in hf:
             continue
-        cells = [form.format(side[key]) if key in side else "failed" for side in (ours, hf)]
+        scale = 1000 if key.startswith("time/") else 1
+        cells = [form.format(side[key] * scale) if key in side else "failed" for side in (ours, hf)]
         ratio = f"{ours[key] / hf[key]:.2f}x" if key in ours and key in hf and hf[key] else ""
         print(f"| {label:<22} | {cells[0]:>12} | {cells[1]:>12} | {ratio:>7} |")
 
