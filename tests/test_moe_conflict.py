@@ -75,11 +75,11 @@ def test_routing_matrix_weights_every_forward_by_its_tokens(conflict_model, monk
         return probs, chosen, probs.gather(1, chosen)
 
     monkeypatch.setattr(routing_lib, "route", by_role)
-    matrix = routing(model, tokenizer, recipe, data / "eval", batch_size=5)  # 5: batches of unequal length
+    matrix = routing(model, tokenizer, recipe, data / "eval", batch_size=2)  # 2: batches of unequal length in both domains
     encoder, collate_fn = pipeline.make_encoder(recipe.data, tokenizer, model), pipeline.make_collate(tokenizer, model)
     for domain in CUES:
         loader_data = recipe.data.model_copy(update={"eval": [f"{data}/eval/{domain}/shard-*.tar"]})
-        roles = [b.token_roles for b in pipeline.eval_loader(loader_data, encoder, collate_fn, 5, 0, 1)]
+        roles = [b.token_roles for b in pipeline.eval_loader(loader_data, encoder, collate_fn, 2, 0, 1)]
         image = sum(int((r == int(TokenRole.IMAGE)).sum()) for r in roles)
         counted = sum(int((r != int(TokenRole.PAD)).sum()) for r in roles)
         assert len({r.shape[1] for r in roles}) > 1  # padding differs per batch: the weighting matters
