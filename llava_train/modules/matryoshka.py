@@ -140,7 +140,7 @@ class MatryoshkaQueryConnector(nn.Module):
 
 @register_connector("matryoshka_pool")
 class MatryoshkaPoolConnector(MLPConnector):
-    """M3: the LLaVA-1.5 `mlp` connector, then the patch grid average-pooled to the step's scale."""
+    """M3: the LLaVA-1.5 `mlp` connector, then the patch grid average-pooled to the step's scale (`scale_mode: average`: objectives/budget_average.py)."""
 
     def __init__(self, vision_hidden: int, lm_hidden: int, num_features: int, bias: bool = True, **options):
         super().__init__(vision_hidden, lm_hidden, num_features, bias=bias)

@@ -147,7 +147,7 @@ class MoEUpcycle(TechniqueModule):
     Options = MoEUpcycleOptions
     export = "convert"
     conflicts = ("moe_lora",)  # both would claim the same MLPs
-    notes = "SwiGLU MLPs (Llama, Qwen2, Mistral); exports as Qwen2-MoE from Llama/Qwen2, else the llava_train format"
+    notes = "SwiGLU MLPs (Llama, Qwen2, Mistral); exports as Qwen2-MoE from Llama/Qwen2 (qwen2_moe_export.py), else the llava_train format"
 
     def attach(self, model) -> dict[str, nn.Parameter]:
         layers = model.decoder.layers

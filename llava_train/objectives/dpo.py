@@ -111,6 +111,8 @@ def check_reference_tokenizer(reference_tokenizer, tokenizer, path: str) -> None
 @register_objective
 class DPO(Objective):
     name = "dpo"
+    notes = ("reference: adapters disabled, a checkpoint, or precomputed (dpo_reference.py, dpo_precompute.py); "
+             "loss math in preference.py")
     Options = DPOOptions
     normaliser = "pairs"
     accepts_groups = True
