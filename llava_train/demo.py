@@ -19,8 +19,8 @@ RECIPES = REPO_ROOT / "recipes" / "demo"
 # (train samples per stage, eval samples) for the full demo and for the smoke test.
 FULL = {"pretrain_steps": None, "sft_steps": None, "num_train": 6000, "num_eval": 400}
 QUICK = {"pretrain_steps": 4, "sft_steps": 6, "num_train": 256, "num_eval": 48}
-# Shapes 1.5x the builder's default size: 1.5-3 patches of the tower across, so a shape is more than a blob.
-SHAPE_SCALE = 1.5
+# Shapes 1.75x the builder's default size: 2-3.5 patches of the tower across, so corners and curves span patches.
+SHAPE_SCALE = 1.75
 
 
 def demo_overrides(workdir: Path, stage: str, steps: int | None) -> list[str]:

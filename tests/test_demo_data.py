@@ -14,7 +14,7 @@ from data_tools.demo_data import BACKGROUND, COLOURS, COUNT_WORDS, QUESTIONS, bu
 from llava_train.data.images import decode_image
 from llava_train.data.shards import ShardStream, expand_urls
 
-SIZES = dict(num_train=24, num_eval=40, image_size=48, shape_scale=1.5, samples_per_shard=8)  # the demo's images
+SIZES = dict(num_train=24, num_eval=40, image_size=48, shape_scale=1.75, samples_per_shard=8)  # the demo's images
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,14 @@
 """Dense SFT against p-MoD SFT (mixture_of_depths, recipes/mod/demo_mod.yaml) from one pretrain checkpoint.
 
-    python tests/bench/bench_mod.py [--workdir runs/bench_mod] [--pretrain-steps 120] [--sft-steps 200]
-                                    [--num-train 3000] [--num-eval 200] [--threads 2]
+    python tests/bench/bench_mod.py [--workdir runs/bench_mod] [--pretrain-steps 150] [--sft-steps 700]
+                                    [--num-train 6000] [--num-eval 400] [--threads 2]
     python tests/bench/bench_mod.py --costs-only [--rounds 5]   # no training: cost ratios only
 
 One run, side by side: held-out accuracy per question type, the median training step time (steps after the
 first 5, from metrics.jsonl), inference prefill FLOPs of the LM (StepFlops with every weight frozen: a forward
 only, counting what each layer ran) and the KV cache after prefill (real cached slots summed over layers), both
-over the held-out prompts one by one. The demo data is built here with explicit parameters (the demo's own
-defaults may change). Prints a table and writes WORKDIR/bench_mod.json.
+over the held-out prompts one by one. The demo data is built here with explicit parameters, the demo's as of
+this bench (48 px, shapes 1.75x; the defaults are the demo's schedule), so a retuned demo does not move them. Prints a table and writes WORKDIR/bench_mod.json.
 
 `--costs-only` trains nothing: both variants get the same random-init weights (the demo recipes' model), and
 it reports the prefill FLOPs and KV-cache ratios (which depend only on the token counts each layer keeps), the
@@ -159,10 +159,10 @@ def costs_only(args, workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/bench_mod")
-    parser.add_argument("--pretrain-steps", type=int, default=120)
-    parser.add_argument("--sft-steps", type=int, default=200)
-    parser.add_argument("--num-train", type=int, default=3000)
-    parser.add_argument("--num-eval", type=int, default=200)
+    parser.add_argument("--pretrain-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, default=700)
+    parser.add_argument("--num-train", type=int, default=6000)
+    parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--prefill-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--costs-only", action="store_true", help="no training: cost ratios on random-init weights")
@@ -179,8 +179,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     start = time.perf_counter()
-    build_demo_data(workdir / "data", num_train=args.num_train, num_eval=args.num_eval, image_size=64, seed=0,
-                    samples_per_shard=250)
+    build_demo_data(workdir / "data", num_train=args.num_train, num_eval=args.num_eval, image_size=48, shape_scale=1.75,
+                    seed=0, samples_per_shard=250)
     if args.costs_only:
         return costs_only(args, workdir)
     pretrain, _ = train(REPO / "recipes/demo/pretrain.yaml", workdir, "pretrain", "pretrain", args.pretrain_steps, [])
