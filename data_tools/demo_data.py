@@ -1,6 +1,7 @@
 """The built-in demo data: coloured shapes on a plain background, with questions about them.
 
-Each image holds 1-3 shapes of one kind and one colour (one per quadrant when several).
+Each image holds 1-3 shapes of one kind and one colour (one per quadrant when several); half of the training
+images hold one shape, held-out counts are uniform.
 Questions ask the colour, the shape, the count and (single-shape images only) the position.
 Answers are single words so held-out accuracy is an exact match. Everything is drawn with PIL from a seeded
 generator, so a build is deterministic and takes seconds.
@@ -25,7 +26,7 @@ from data_tools.shard_writer import write_shards
 from data_tools.tokenizer import train_tokenizer
 
 STAMP = "demo_data.json"
-VERSION = 2
+VERSION = 3
 EVAL_SHARDS = 8  # at least one eval shard per data stream, so every rank gets an equal share
 
 COLOURS = {
@@ -39,6 +40,9 @@ COLOURS = {
 BACKGROUND = (245, 245, 240)
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+# Share of training images forced to one shape, on top of the 1/3 that uniform counts give: half of them then hold
+# one shape. Position is asked of single shapes only and is the type learnt last (README: The demo).
+TRAIN_FORCED_SINGLE = 0.25
 # Region centres as fractions of the image size, for single-shape images.
 REGIONS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "centre": (0.5, 0.5)}
 
@@ -163,7 +167,11 @@ def make_records(
     rng = np.random.default_rng([seed, ("pretrain", "sft", "eval").index(kind)])  # disjoint image streams
     records = []
     for index in range(num):
-        scene = random_scene(rng, single=kind == "eval" and eval_qtype(index) == "position")
+        if kind == "eval":
+            single = eval_qtype(index) == "position"
+        else:
+            single = bool(rng.random() < TRAIN_FORCED_SINGLE)
+        scene = random_scene(rng, single=single)
         records.append(make(scene, draw_scene(scene, rng, image_size, shape_scale), rng, index))
     return records
 
