@@ -1,17 +1,18 @@
 """LLaVA-KD at small scale: a larger demo teacher, a smaller student, plain training against DPT -> SFT -> DFT.
 
-    python tests/bench/bench_kd.py [--out runs/bench_kd] [--steps 60] [--quick] [--memory-only]
+    python tests/bench/bench_kd.py [--out runs/bench_kd] [--steps 700] [--quick] [--memory-only]
 
 One command, one table (also written to OUT/results.json):
 - accuracy per question type of the held-out demo questions for the teacher, the student trained plainly
-  (pretrain P steps -> SFT S steps) and the distilled student (DPT P -> SFT S/2 -> DFT S/2: the same step count);
+  (pretrain P steps -> SFT S steps) and the distilled student (DPT P -> SFT S/2 -> DFT S/2: the same step count;
+  P = 150 and S = 700 are the demo's schedule, and the teacher is trained like the demo: pretrain P -> SFT S);
 - peak memory of the KD loss (forward KL, forward + backward) chunked against naive `[N, V]` logits of both
   models, at a 32k and a 128k vocabulary, each in a fresh process (peak RSS above its inputs);
 - the teacher's step-time overhead: median step time of DFT (CE + MDist + RDist, a teacher forward) over SFT.
 
 Demo data is built with explicit parameters (data_tools/demo_data.build_demo_data), so a retune of its defaults
-does not change this experiment. Student and teacher share the tower (16 visual tokens at 32 px) and tokenizer;
-the teacher's LM is twice as wide and twice as deep.
+does not change this experiment. Student and teacher share the tower design (36 visual tokens at 48 px) and the
+tokenizer; the teacher's LM (the demo's) is twice as wide and twice as deep as the student's.
 """
 
 from __future__ import annotations
@@ -26,28 +27,32 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = dict(num_train=1500, num_eval=200, image_size=32, samples_per_shard=250, seed=0)
-VISION = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 64,
-          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-STUDENT_LM = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 176,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 256, "tie_word_embeddings": False}
-TEACHER_LM = {**STUDENT_LM, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4}
+# The demo's data, tower and LM (recipes/demo as of this bench), pinned so a retuned demo does not move these numbers:
+# the teacher is the demo model, the student's LM is half as wide and half as deep.
+DATA = dict(num_train=6000, num_eval=400, image_size=48, shape_scale=1.75, samples_per_shard=250, seed=0)
+VISION = {"model_type": "clip_vision_model", "image_size": 48, "patch_size": 8, "hidden_size": 128,
+          "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4}
+TEACHER_LM = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 688,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "max_position_embeddings": 512, "tie_word_embeddings": False}
+STUDENT_LM = {**TEACHER_LM, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2}
+PRETRAIN_STEPS, PRETRAIN_LR, SFT_LR, VISION_LR = 150, 2e-3, 1e-3, 3e-4  # the demo's schedule
 KD = {"type": "kd", "ce_weight": 1.0, "mdist_weight": 1.0, "visual_mdist_weight": 1.0, "rdist_weight": 1.0}
 
 
 def recipe(data: Path, out: Path, lm: dict, stage: str, steps: int, lr: float, template: str = "vicuna_v1",
            init_from: Path | None = None, objective: dict | None = None) -> dict:
     shards = "pretrain" if stage == "pretrain" else "sft"
+    lrs = {} if stage == "pretrain" else {"vision": VISION_LR}
     return {
         "model": {"vision": {"config": dict(VISION), "feature_layer": -1}, "connector": {"type": "mlp"},
                   "lm": {"config": dict(lm)}, "tokenizer": str(data / "tokenizer")},
         "stage": {"name": stage, "init_from": str(init_from) if init_from else None,
-                  "trainable": {"vision": stage != "pretrain"}, "objective": objective or {"type": "lm"}},
-        "data": {"train": [str(data / shards / "shard-*.tar")], "template": template, "max_length": 160,
-                 "image_mode": "resize"},
+                  "trainable": {"vision": True}, "lr": lrs, "objective": objective or {"type": "lm"}},
+        "data": {"train": [str(data / shards / "shard-*.tar")], "template": template, "system_prompt": "",
+                 "max_length": 256, "image_mode": "resize"},
         "train": {"output_dir": str(out), "max_steps": steps, "micro_batch_size": 16, "lr": lr, "warmup_ratio": 0.05,
-                  "min_lr_ratio": 0.1, "log_every": 1, "keep_last": 1, "progress_bar": False,
+                  "min_lr_ratio": 0.1, "precision": "bf16", "log_every": 1, "keep_last": 1, "progress_bar": False,
                   "wandb": {"mode": "disabled"}},
     }
 
@@ -84,20 +89,21 @@ def experiment(args) -> dict:
     out = Path(args.out)
     data = out / "data"
     build_demo_data(data, **DATA)
-    p, s = args.steps // 2, args.steps
-    teacher = train(recipe(data, out / "teacher", TEACHER_LM, "sft", 2 * s, 2e-3))
+    p, s = min(PRETRAIN_STEPS, args.steps), args.steps
+    teacher_pre = train(recipe(data, out / "teacher_pretrain", TEACHER_LM, "pretrain", p, PRETRAIN_LR, "plain"))
+    teacher = train(recipe(data, out / "teacher", TEACHER_LM, "sft", s, SFT_LR, init_from=teacher_pre))
     kd = {**KD, "teacher": str(teacher)}
-    pre = train(recipe(data, out / "pretrain", STUDENT_LM, "pretrain", p, 2e-3, "plain"))
-    plain = train(recipe(data, out / "sft", STUDENT_LM, "sft", s, 2e-3, init_from=pre))
-    dpt = train(recipe(data, out / "dpt", STUDENT_LM, "pretrain", p, 2e-3, "plain",
+    pre = train(recipe(data, out / "pretrain", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain"))
+    plain = train(recipe(data, out / "sft", STUDENT_LM, "sft", s, SFT_LR, init_from=pre))
+    dpt = train(recipe(data, out / "dpt", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain",
                        objective={**kd, "same_template": False}))
-    kd_sft = train(recipe(data, out / "kd_sft", STUDENT_LM, "sft", s // 2, 2e-3, init_from=dpt))
-    dft = train(recipe(data, out / "dft", STUDENT_LM, "sft", s - s // 2, 2e-3, init_from=kd_sft, objective=kd))
+    kd_sft = train(recipe(data, out / "kd_sft", STUDENT_LM, "sft", s // 2, SFT_LR, init_from=dpt))
+    dft = train(recipe(data, out / "dft", STUDENT_LM, "sft", s - s // 2, SFT_LR, init_from=kd_sft, objective=kd))
     return {
         "accuracy": {"teacher": accuracy(teacher, data), "student (pretrain -> SFT)": accuracy(plain, data),
                      "student (DPT -> SFT -> DFT)": accuracy(dft, data)},
         "step_time_s": {"SFT (CE)": step_times(kd_sft), "DFT (CE + MDist + RDist)": step_times(dft)},
-        "steps": {"pretrain / DPT": p, "SFT": s, "SFT + DFT": f"{s // 2} + {s - s // 2}", "teacher SFT": 2 * s},
+        "steps": {"pretrain / DPT": p, "SFT": s, "SFT + DFT": f"{s // 2} + {s - s // 2}", "teacher pretrain + SFT": f"{p} + {s}"},
     }
 
 
@@ -162,7 +168,7 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/bench_kd")
-    parser.add_argument("--steps", type=int, default=60, help="SFT steps (pretrain/DPT: half; teacher: twice)")
+    parser.add_argument("--steps", type=int, default=700, help="SFT steps (pretrain/DPT: min(150, steps))")
     parser.add_argument("--tokens", type=int, default=1024, help="rows of the loss-memory measurement")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, small vocabularies")
     parser.add_argument("--memory-only", action="store_true", help="only the loss-memory table")
