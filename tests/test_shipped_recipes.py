@@ -36,6 +36,20 @@ def test_shipped_recipe_validates(path):
     assert recipe.train.output_dir
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=IDS)
+def test_shipped_chain_names_its_producers_last_checkpoint(path):
+    """`OUT/checkpoints/step-N` in a recipe's init_from or KD teacher is the step its producer ends on, so the
+    documented chains (demo -> dpo, kd teacher -> dpt -> sft -> dft, ...) run as written after a retune."""
+    recipe = load_recipe(path)
+    for key, ref in (("stage.init_from", recipe.stage.init_from), ("stage.objective.teacher", recipe.stage.objective.get("teacher"))):
+        if not ref or "/checkpoints/step-" not in ref:
+            continue
+        producers = [p for p in RECIPES if p != path and Path(ref).is_relative_to(load_recipe(p).train.output_dir)]
+        assert producers, f"{key}={ref} lies in no shipped recipe's output_dir"
+        steps = {load_recipe(p).train.max_steps for p in producers}
+        assert int(ref.rsplit("step-", 1)[1]) in steps, f"{key}={ref}, but {producers[0].name} ends at step {steps}"
+
+
 # ----------------------------------------------------------------------------- runs
 
 
