@@ -41,7 +41,7 @@ KD = {"type": "kd", "ce_weight": 1.0, "mdist_weight": 1.0, "visual_mdist_weight"
 
 
 def recipe(data: Path, out: Path, lm: dict, stage: str, steps: int, lr: float, template: str = "vicuna_v1",
-           init_from: Path | None = None, objective: dict | None = None) -> dict:
+           init_from: Path | None = None, objective: dict | None = None, seed: int = 0) -> dict:
     shards = "pretrain" if stage == "pretrain" else "sft"
     lrs = {} if stage == "pretrain" else {"vision": VISION_LR}
     return {
@@ -51,7 +51,7 @@ def recipe(data: Path, out: Path, lm: dict, stage: str, steps: int, lr: float, t
                   "trainable": {"vision": True}, "lr": lrs, "objective": objective or {"type": "lm"}},
         "data": {"train": [str(data / shards / "shard-*.tar")], "template": template, "system_prompt": "",
                  "max_length": 256, "image_mode": "resize"},
-        "train": {"output_dir": str(out), "max_steps": steps, "micro_batch_size": 16, "lr": lr, "warmup_ratio": 0.05,
+        "train": {"output_dir": str(out), "seed": seed, "max_steps": steps, "micro_batch_size": 16, "lr": lr, "warmup_ratio": 0.05,
                   "min_lr_ratio": 0.1, "precision": "bf16", "log_every": 1, "keep_last": 1, "progress_bar": False,
                   "wandb": {"mode": "disabled"}},
     }
@@ -93,12 +93,13 @@ def experiment(args) -> dict:
     teacher_pre = train(recipe(data, out / "teacher_pretrain", TEACHER_LM, "pretrain", p, PRETRAIN_LR, "plain"))
     teacher = train(recipe(data, out / "teacher", TEACHER_LM, "sft", s, SFT_LR, init_from=teacher_pre))
     kd = {**KD, "teacher": str(teacher)}
-    pre = train(recipe(data, out / "pretrain", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain"))
-    plain = train(recipe(data, out / "sft", STUDENT_LM, "sft", s, SFT_LR, init_from=pre))
+    pre = train(recipe(data, out / "pretrain", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain", seed=args.seed))
+    plain = train(recipe(data, out / "sft", STUDENT_LM, "sft", s, SFT_LR, init_from=pre, seed=args.seed))
     dpt = train(recipe(data, out / "dpt", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain",
-                       objective={**kd, "same_template": False}))
-    kd_sft = train(recipe(data, out / "kd_sft", STUDENT_LM, "sft", s // 2, SFT_LR, init_from=dpt))
-    dft = train(recipe(data, out / "dft", STUDENT_LM, "sft", s - s // 2, SFT_LR, init_from=kd_sft, objective=kd))
+                       objective={**kd, "same_template": False}, seed=args.seed))
+    kd_sft = train(recipe(data, out / "kd_sft", STUDENT_LM, "sft", s // 2, SFT_LR, init_from=dpt, seed=args.seed))
+    dft = train(recipe(data, out / "dft", STUDENT_LM, "sft", s - s // 2, SFT_LR, init_from=kd_sft, objective=kd,
+                       seed=args.seed))
     return {
         "accuracy": {"teacher": accuracy(teacher, data), "student (pretrain -> SFT)": accuracy(plain, data),
                      "student (DPT -> SFT -> DFT)": accuracy(dft, data)},
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_kd")
     parser.add_argument("--steps", type=int, default=700, help="SFT steps (pretrain/DPT: min(150, steps))")
     parser.add_argument("--tokens", type=int, default=1024, help="rows of the loss-memory measurement")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the students' seed; the teacher keeps seed 0, so an OUT holding its finished runs reuses them")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, small vocabularies")
     parser.add_argument("--memory-only", action="store_true", help="only the loss-memory table")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
