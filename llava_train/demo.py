@@ -36,21 +36,27 @@ def demo_overrides(workdir: Path, stage: str, steps: int | None) -> list[str]:
     return overrides
 
 
-def run_demo(workdir: str | Path = "runs/demo", quick: bool = False) -> dict:
+def run_demo(
+    workdir: str | Path = "runs/demo", quick: bool = False, shape_scale: float = SHAPE_SCALE,
+    pretrain_overrides: list[str] = (), sft_overrides: list[str] = (),
+) -> dict:
+    """Data, pretrain, sft and the accuracy report; the overrides (recipe key=value) make a variant of the demo
+    (tests/bench/demo_variants.py)."""
     from data_tools.demo_data import build_demo_data
     from llava_train.train.trainer import Trainer
 
     sizes = QUICK if quick else FULL
     workdir = Path(workdir)
     start = time.perf_counter()
-    pretrain = load_recipe(RECIPES / "pretrain.yaml", demo_overrides(workdir, "pretrain", sizes["pretrain_steps"]))
+    pretrain_overrides = demo_overrides(workdir, "pretrain", sizes["pretrain_steps"]) + list(pretrain_overrides)
+    pretrain = load_recipe(RECIPES / "pretrain.yaml", pretrain_overrides)
     image_size = pretrain.model.vision.config["image_size"]  # the recipe's tower decides the pictures' size
     build_demo_data(
         workdir / "data", num_train=sizes["num_train"], num_eval=sizes["num_eval"], image_size=image_size,
-        shape_scale=SHAPE_SCALE,
+        shape_scale=shape_scale,
     )
     pre_result = Trainer(pretrain).train()
-    sft_overrides = demo_overrides(workdir, "sft", sizes["sft_steps"]) + [f"stage.init_from={pre_result.checkpoint}"]
+    sft_overrides = demo_overrides(workdir, "sft", sizes["sft_steps"]) + [f"stage.init_from={pre_result.checkpoint}", *sft_overrides]
     sft = load_recipe(RECIPES / "sft.yaml", sft_overrides)
     sft_result = Trainer(sft).train()
     train_seconds = time.perf_counter() - start

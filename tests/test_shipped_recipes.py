@@ -41,13 +41,19 @@ def test_shipped_chain_names_its_producers_last_checkpoint(path):
     """`OUT/checkpoints/step-N` in a recipe's init_from or KD teacher is the step its producer ends on, so the
     documented chains (demo -> dpo, kd teacher -> dpt -> sft -> dft, ...) run as written after a retune."""
     recipe = load_recipe(path)
-    for key, ref in (("stage.init_from", recipe.stage.init_from), ("stage.objective.teacher", recipe.stage.objective.get("teacher"))):
-        if not ref or "/checkpoints/step-" not in ref:
-            continue
-        producers = [p for p in RECIPES if p != path and Path(ref).is_relative_to(load_recipe(p).train.output_dir)]
-        assert producers, f"{key}={ref} lies in no shipped recipe's output_dir"
-        steps = {load_recipe(p).train.max_steps for p in producers}
-        assert int(ref.rsplit("step-", 1)[1]) in steps, f"{key}={ref}, but {producers[0].name} ends at step {steps}"
+    for ref in (recipe.stage.init_from, recipe.stage.objective.get("teacher")):
+        if ref and "/checkpoints/step-" in ref:
+            producer = load_recipe(producer_of(ref, path)).train
+            assert ref == f"{producer.output_dir}/checkpoints/step-{producer.max_steps}", \
+                f"{path.name}: {ref}, but its producer ends at step {producer.max_steps}"
+
+
+def producer_of(ref: str, consumer: Path) -> Path:
+    """The shipped recipe whose output_dir holds `ref` (a consumer's init_from or KD teacher)."""
+    for path in RECIPES:
+        if path != consumer and Path(ref).is_relative_to(load_recipe(path).train.output_dir):
+            return path
+    raise AssertionError(f"{consumer}: {ref} lies in no shipped recipe's output_dir")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -91,11 +97,11 @@ class Runs:
                 recipe = load_recipe(path)
                 overrides = self.overrides(recipe, path)
                 if recipe.stage.init_from:
-                    producer = add(self.producer_of(recipe.stage.init_from, path))
+                    producer = add(producer_of(recipe.stage.init_from, path))
                     overrides.append(f"stage.init_from={producer['checkpoint']}")
                 teacher = recipe.stage.objective.get("teacher")  # a KD teacher: another shipped recipe's output
                 if teacher:
-                    producer = add(self.producer_of(teacher, path))
+                    producer = add(producer_of(teacher, path))
                     overrides.append(f"stage.objective.teacher={producer['checkpoint']}")
                 workdir = self.workdir(path)
                 jobs[path] = {"recipe": str(path), "overrides": overrides, "results": str(workdir / "results"),
@@ -105,12 +111,6 @@ class Runs:
         for path in RECIPES:
             add(path)
         return list(jobs.values())  # insertion order: every producer before its consumers
-
-    def producer_of(self, init_from: str, consumer: Path) -> Path:
-        for path in RECIPES:
-            if path != consumer and Path(init_from).is_relative_to(load_recipe(path).train.output_dir):
-                return path
-        raise AssertionError(f"{consumer}: stage.init_from={init_from} lies in no shipped recipe's output_dir")
 
     def workdir(self, path: Path) -> Path:
         return self.root / str(path.relative_to(REPO / "recipes")).replace("/", "_")

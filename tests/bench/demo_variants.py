@@ -1,48 +1,24 @@
-"""One demo variant: the demo's data at a chosen shape scale, pretrain + sft with recipe overrides, accuracy per type.
+"""One demo variant: `llava-train demo` with another shape scale, step counts or recipe overrides.
 
     python tests/bench/demo_variants.py TAG [--shape-scale 1.75] [--pretrain-steps 150] [--sft-steps 700] \
         [--pre KEY=VALUE ...] [--sft KEY=VALUE ...] [--workdir runs/demo_variants]
 
 How the README's table of demo variants was made (e.g. `--sft stage.lr.vision=3e-4 --shape-scale 2.0`). The sft
-run scores 200 held-out questions every 200 steps (`train.eval_generate_every`), so the log shows when each question
-type is learnt; the final row (all 400 held-out questions) is appended to WORKDIR/results.jsonl.
+run scores 200 held-out questions every 200 steps (`train.eval_generate_every`, in its metrics.jsonl), so the log
+shows when each question type is learnt; the final row (all 400 held-out questions) is appended to
+WORKDIR/results.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from data_tools.demo_data import build_demo_data
-from llava_train.demo import FULL, RECIPES, demo_overrides, evaluate_accuracy
-from llava_train.recipe import load_recipe
-from llava_train.train.trainer import Trainer
+from llava_train.demo import run_demo
 
 IN_LOOP_EVAL = ["train.eval_generate_every=200", "train.eval_generate_samples=200", "train.eval_generate_by=[qtype]",
                 "train.eval_generate_max_new_tokens=4"]  # fmt: skip
-
-
-def run_variant(args) -> dict:
-    workdir = Path(args.workdir) / args.tag
-    data = Path(args.workdir) / f"data_scale{args.shape_scale}"  # shared by the variants of one scale
-    build_demo_data(data, num_train=FULL["num_train"], num_eval=FULL["num_eval"], image_size=48, shape_scale=args.shape_scale)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "data").exists():
-        (workdir / "data").symlink_to(data.resolve())
-    quiet = ["train.progress_bar=false", "train.log_every=50", "train.eval_every=0"]
-    start = time.perf_counter()
-    pretrain = load_recipe(RECIPES / "pretrain.yaml", demo_overrides(workdir, "pretrain", args.pretrain_steps) + quiet + args.pre)
-    pre_result = Trainer(pretrain).train()
-    sft_overrides = demo_overrides(workdir, "sft", args.sft_steps) + quiet + IN_LOOP_EVAL
-    sft = load_recipe(RECIPES / "sft.yaml", sft_overrides + [f"stage.init_from={pre_result.checkpoint}"] + args.sft)
-    sft_result = Trainer(sft).train()
-    seconds = time.perf_counter() - start
-    report = evaluate_accuracy(sft_result.checkpoint, workdir / "data" / "eval", template=sft.data.template)
-    return {"tag": args.tag, "shape_scale": args.shape_scale, "pretrain_steps": args.pretrain_steps,
-            "sft_steps": args.sft_steps, "pre": args.pre, "sft": args.sft, "train_seconds": round(seconds, 1),
-            "accuracy": {qtype: round(acc, 3) for qtype, acc in report["accuracy"].items()}}  # fmt: skip
 
 
 def main() -> None:
@@ -55,7 +31,13 @@ def main() -> None:
     parser.add_argument("--pre", nargs="*", default=[], help="pretrain recipe overrides")
     parser.add_argument("--sft", nargs="*", default=[], help="sft recipe overrides")
     args = parser.parse_args()
-    row = run_variant(args)
+    report = run_demo(
+        Path(args.workdir) / args.tag, shape_scale=args.shape_scale,
+        pretrain_overrides=[f"train.max_steps={args.pretrain_steps}", *args.pre],
+        sft_overrides=[f"train.max_steps={args.sft_steps}", *IN_LOOP_EVAL, *args.sft],
+    )
+    row = {**vars(args), "train_seconds": report["train_seconds"],
+           "accuracy": {qtype: round(acc, 3) for qtype, acc in report["accuracy"].items()}}  # fmt: skip
     print(json.dumps(row))
     with open(Path(args.workdir) / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
