@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_tools.demo_data import BACKGROUND, COLOURS, COUNT_WORDS, QUESTIONS, build_demo_data
+from data_tools.demo_data import BACKGROUND, COLOURS, COUNT_WORDS, QUESTIONS, REGIONS, build_demo_data
 from llava_train.data.images import decode_image
 from llava_train.data.shards import ShardStream, expand_urls
 
@@ -140,3 +140,13 @@ def test_square_and_circle_differ_only_in_their_corners():
         ys, xs = np.nonzero((np.asarray(image) != BACKGROUND).any(-1))
         boxes[shape] = (xs.min(), xs.max(), ys.min(), ys.max())
     assert boxes["square"] == boxes["circle"]  # the same size, so size is no cue: the corners are
+
+
+def test_half_the_training_images_hold_one_shape_and_held_out_counts_stay_uniform():
+    from data_tools.demo_data import make_records
+
+    sft = make_records("sft", 600, image_size=24, seed=0)
+    single = sum(any(turn["value"] in REGIONS for turn in r["conversations"]) for r in sft) / len(sft)
+    assert 0.45 < single < 0.55  # 1/4 forced + 3/4 x 1/3 uniform; 1/3 without the forcing
+    held_out = [r["meta"]["answer"] for r in make_records("eval", 1200, image_size=24, seed=0) if r["meta"]["qtype"] == "count"]
+    assert abs(held_out.count("one") / len(held_out) - 1 / 3) < 0.06
