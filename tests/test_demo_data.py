@@ -70,27 +70,45 @@ def qtype_of(question: str) -> str:
 
 def test_answers_match_the_pixels(built):
     _, paths = built
-    size = SIZES["image_size"]
     for raw in records(paths["eval"]):
-        meta = raw["json"]["meta"]
-        pixels = np.asarray(decode_image(raw["png"]).convert("RGB")).astype(int)
-        drawn = np.abs(pixels - BACKGROUND).sum(-1) > 60
-        if meta["qtype"] == "colour":
-            mean = pixels[drawn].mean(0)
-            nearest = min(COLOURS, key=lambda c: np.abs(mean - COLOURS[c]).sum())
-            assert nearest == meta["answer"]
-        if meta["qtype"] == "position":
-            ys, xs = np.nonzero(drawn)
-            cx, cy = xs.mean() / size, ys.mean() / size
-            region = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6}
-            assert region.get(meta["answer"], 0.4 <= cx <= 0.6 and 0.4 <= cy <= 0.6)
-        if meta["qtype"] == "count":
-            assert COUNT_WORDS[len(blobs(drawn))] == meta["answer"]
-        if meta["qtype"] == "shape":
-            for blob in blobs(drawn):  # how much of its bounding box a shape fills tells which it is
-                ys, xs = np.nonzero(blob)
-                fill = blob.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
-                assert min(FILL, key=lambda shape: abs(FILL[shape] - fill)) == meta["answer"], fill
+        assert_matches_pixels(raw["png"], raw["json"]["meta"]["qtype"], raw["json"]["meta"]["answer"])
+
+
+def assert_matches_pixels(png: bytes, qtype: str, answer: str, size: int = SIZES["image_size"]) -> None:
+    pixels = np.asarray(decode_image(png).convert("RGB")).astype(int)
+    drawn = np.abs(pixels - BACKGROUND).sum(-1) > 60
+    if qtype == "colour":
+        mean = pixels[drawn].mean(0)
+        assert min(COLOURS, key=lambda c: np.abs(mean - COLOURS[c]).sum()) == answer
+    if qtype == "position":
+        ys, xs = np.nonzero(drawn)
+        cx, cy = xs.mean() / size, ys.mean() / size
+        region = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6}
+        assert region.get(answer, 0.4 <= cx <= 0.6 and 0.4 <= cy <= 0.6)
+    if qtype == "count":
+        assert COUNT_WORDS[len(blobs(drawn))] == answer
+    if qtype == "shape":
+        for blob in blobs(drawn):  # how much of its bounding box a shape fills tells which it is
+            ys, xs = np.nonzero(blob)
+            fill = blob.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))
+            assert min(FILL, key=lambda shape: abs(FILL[shape] - fill)) == answer, fill
+
+
+def test_preference_pairs_choose_what_the_pixels_show_and_reject_another_answer(tmp_path):
+    from data_tools.demo_pairs import ANSWERS, build_demo_pairs
+
+    build_demo_pairs(tmp_path / "all", num_pairs=80, image_size=48, shape_scale=1.75, samples_per_shard=40)
+    qtypes = []
+    for raw in records(tmp_path / "all"):
+        pair, qtype = raw["json"], raw["json"]["meta"]["qtype"]
+        assert_matches_pixels(raw["png"], qtype, pair["chosen"])
+        assert pair["rejected"] in ANSWERS[qtype] and pair["rejected"] != pair["chosen"]
+        qtypes.append(qtype)
+    assert set(qtypes) == set(ANSWERS)
+    build_demo_pairs(tmp_path / "position", num_pairs=8, image_size=48, qtypes=("position",))
+    assert {raw["json"]["meta"]["qtype"] for raw in records(tmp_path / "position")} == {"position"}
+    with pytest.raises(ValueError, match="qtypes \\['size'\\]: choose from"):
+        build_demo_pairs(tmp_path / "bad", num_pairs=1, image_size=48, qtypes=("size",))
 
 
 FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}

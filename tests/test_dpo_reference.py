@@ -70,6 +70,7 @@ def changed_tokenizer(demo_data, tmp_path) -> str:
 
 
 @pytest.mark.parametrize("field,change", [
+    ("reference", lambda d, tmp: {"train": {"seed": 1}}),  # the initial policy, built from the recipe: redrawn
     ("tokenizer", lambda d, tmp: {"model": {"tokenizer": changed_tokenizer(d, tmp)}}),
     ("template", lambda d, tmp: {"data": {"system_prompt": "Answer in one word."}}),
     ("image preprocessing", lambda d, tmp: {"data": {"image_mode": "resize"}}),
@@ -82,10 +83,11 @@ def test_a_changed_key_is_refused_naming_what_differs(demo_data, tmp_path, shard
     changed = base
     for section, values in change(demo_data, tmp_path).items():
         changed = {**changed, section: {**changed[section], **values}}
-    others = [f for f in ("tokenizer", "template", "image preprocessing", "truncation") if f != field]
+    others = [f for f in ("reference", "tokenizer", "template", "image preprocessing", "truncation") if f != field]
     with pytest.raises(ValueError, match=f"written for another {field} than") as refused:
         objective(validate_recipe(changed))
-    assert not any(other in str(refused.value).split("than")[0] for other in others)
+    named = str(refused.value).split("written for another ")[1].split(" than")[0]
+    assert named == field and not any(other in named for other in others)
 
 
 def objective(recipe):
@@ -143,12 +145,17 @@ def test_missing_cache_files_are_named(demo_data, tmp_path, shards):
 @pytest.fixture(scope="module")
 def teacher(demo_data, tmp_path_factory) -> str:
     """A checkpoint trained with the vicuna_v1 template on the demo tokenizer: a stand-in KD teacher."""
+    return str(Trainer(recipe_with(demo_data, tmp_path_factory.mktemp("teacher"))).train().checkpoint)
+
+
+def recipe_with(demo_data, out, seed: int = 0):
+    """A one-step vicuna_v1 run on the demo data (the teacher's recipe)."""
     from tests.conftest import tiny_recipe_dict
 
-    out = tmp_path_factory.mktemp("teacher")
     raw = tiny_recipe_dict(demo_data, out, max_steps=1)
     raw["data"]["eval"] = []
-    return str(Trainer(validate_recipe(raw)).train().checkpoint)
+    raw["train"]["seed"] = seed
+    return validate_recipe(raw)
 
 
 def test_a_checkpoint_reference_such_as_a_kd_teacher(demo_data, tmp_path, shards, teacher):
@@ -158,6 +165,19 @@ def test_a_checkpoint_reference_such_as_a_kd_teacher(demo_data, tmp_path, shards
     dpo_precompute.precompute(pre, progress=False)
     assert dpo_reference.read_cache(dpo_reference.cache_path(shards[0]))["reference"] == teacher
     assert not objective(pre).frozen  # trained from the teacher's precomputed log-probs: no model
+
+
+def test_a_copied_reference_checkpoint_is_the_same_reference_and_a_retrained_one_is_not(
+    demo_data, tmp_path, shards, teacher
+):
+    dpo_precompute.precompute(recipe(demo_data, tmp_path, shards, reference=teacher, precomputed_reference=True),
+                              progress=False)  # fmt: skip
+    copy = tmp_path / "copied_teacher"
+    shutil.copytree(teacher, copy)
+    objective(recipe(demo_data, tmp_path, shards, reference=str(copy), precomputed_reference=True))  # accepted
+    retrained = Trainer(recipe_with(demo_data, tmp_path / "retrained", seed=1)).train().checkpoint
+    with pytest.raises(ValueError, match="written for another reference than this recipe's"):
+        objective(recipe(demo_data, tmp_path, shards, reference=str(retrained), precomputed_reference=True))
 
 
 def test_a_reference_with_another_template_or_tokenizer_is_refused(demo_data, tmp_path, shards, teacher):

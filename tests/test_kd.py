@@ -248,6 +248,46 @@ def test_a_teacher_with_another_visual_token_count_reads_the_same_text(demo_data
     assert torch.equal(text(batch), text(rebuilt))
 
 
+def test_a_teacher_trained_on_other_image_statistics_reads_pixels_in_its_own(demo_data, tmp_path, teacher_checkpoint):
+    """A teacher whose tower was trained with SigLIP's mean/std gets the student's pixels renormalised: exactly
+    what its own preprocessing makes of the image."""
+    from PIL import Image
+
+    from llava_train.data.images import ImageProcessor
+    from llava_train.objectives.kd.teacher_batch import PixelMap
+
+    teacher = tmp_path / "siglip_stats_teacher"
+    shutil.copytree(teacher_checkpoint, teacher)
+    theirs = ImageProcessor(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), mode="pad")
+    theirs.save_pretrained(teacher / "model" / "vision")
+    trainer = Trainer(validate_recipe(kd_recipe(demo_data, tmp_path / "run", teacher, micro_batch_size=4)))
+    ours = trainer.image_processor  # what the student's pixels went through
+    assert trainer.objective.pixel_map == PixelMap.between(ours, theirs) is not None
+    # Square: a padded non-square image differs in its pad colour (each side pads with its own mean; docs)
+    image = Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy())
+    torch.testing.assert_close(trainer.objective.pixel_map(ours(image)), theirs(image), rtol=0, atol=1e-5)
+    seen = []
+    handle = trainer.objective.teacher.vision.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    batch = next(iter(trainer.loader))
+    trainer.objective(trainer.model, batch)
+    handle.remove()
+    torch.testing.assert_close(seen[0], trainer.objective.pixel_map(batch.pixel_values))
+
+
+def test_an_exported_transformers_llava_folder_is_a_teacher(demo_data, tmp_path, teacher_checkpoint):
+    """The same teacher as an exported Llava folder: its image settings are read from the folder (no
+    renormalisation needed), and a student started from it distils to zero divergence."""
+    from llava_train.model.export import export_checkpoint
+
+    exported = export_checkpoint(teacher_checkpoint, tmp_path / "hf")
+    options = {"ce_weight": 0.0}
+    recipe = kd_recipe(demo_data, tmp_path / "run", exported, options, init_from=str(teacher_checkpoint), max_steps=1)
+    trainer = Trainer(validate_recipe(recipe))
+    assert trainer.objective.pixel_map is None
+    trainer.train()
+    assert rows(tmp_path / "run")[0]["objective/mdist"] == pytest.approx(0, abs=1e-5)
+
+
 def test_response_only_kd_from_a_teacher_with_another_tower(demo_data, tmp_path, small_tower_teacher):
     options = {"visual_mdist_weight": 0.0, "rdist_weight": 0.0}
     Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, small_tower_teacher, options))).train()

@@ -63,6 +63,19 @@ def checkpoint_prompting(checkpoint: str | Path, vision_config) -> Prompting:
     return Prompting(recorded.template or "vicuna_v1", recorded.system_prompt, mode, images)
 
 
+def image_processor_of(path: str | Path, vision_config) -> ImageProcessor:
+    """The image settings a llava_train checkpoint or an exported transformers Llava folder trained with
+    (for anyres, those of its tiles)."""
+    from llava_train.model.hf_import import is_hf_llava_folder
+
+    if is_hf_llava_folder(path):  # an exported folder holds preprocessor_config.json beside config.json
+        return ImageProcessor.from_vision_config(vision_config, "pad", local_path=path)
+    folder = model_files_dir(path)
+    mode = recorded_prompting(path).data.get("image_mode") or "pad"
+    tower = _processor_folder(folder, recorded_prompting(path).recipe)
+    return ImageProcessor.from_vision_config(vision_config, "pad" if mode == "anyres" else mode, tower)
+
+
 def _model_meta(checkpoint: Path) -> dict:
     for candidate in (checkpoint / "model" / META, checkpoint / META):
         if candidate.is_file():

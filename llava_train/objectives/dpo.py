@@ -127,7 +127,7 @@ class DPO(Objective):
 
             recipe = build.recipe
             encoder = pipeline.make_encoder(recipe.data, build.tokenizer, build.model, recipe.model.vision.path)
-            key = dpo_reference.cache_key(recipe.data, build.tokenizer, encoder)
+            key = dpo_reference.cache_key(recipe, build.tokenizer, encoder)
             self.precomputed = dpo_reference.PrecomputedReference(train_shards(recipe.data), key)
         elif options.reference is not None:
             reference, tokenizer = load_any(options.reference, build.zero3_config)

@@ -81,7 +81,7 @@ def precompute(recipe, progress: bool = True) -> dict:
     shards = train_shards(recipe.data)
     model, reference_mode, description = build_reference(recipe, tokenizer)
     encoder = pipeline.make_encoder(recipe.data, tokenizer, model, recipe.model.vision.path, accept_groups=True)
-    key = store.cache_key(recipe.data, tokenizer, encoder)
+    key = store.cache_key(recipe, tokenizer, encoder)
     if encoder.visual.varies:
         raise ValueError("the connector's visual token count varies per step (Matryoshka): reference log-probs "
                          "depend on the step's budget and cannot be precomputed; use a live reference")

@@ -7,9 +7,9 @@ train shards and writes, per shard `DIR/NAME.tar`, the file `DIR/reference_logps
      "pairs": {record id: {"chosen": {"sum", "mean", "tokens"}, "rejected": {...}}}}
 
 `tokens` holds one fp32 log-prob per response token, so dense DPO's token weights apply to a precomputed
-reference as to a live one. The values hold only for the tokens and pixels they were computed on, so the key
-has a digest of the tokenizer, the template, the image preprocessing and the truncation; a run whose data
-section or tokenizer disagrees is refused, naming what differs.
+reference as to a live one. The values hold only for the weights, tokens and pixels they were computed on, so the
+key has a digest of the reference (`reference_identity`), the tokenizer, the template, the image preprocessing and
+the truncation; a run whose reference, data section or tokenizer disagrees is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(data, tokenizer, encoder) -> dict[str, str]:
-    """Digests of everything the stored log-probs depend on besides the reference's weights.
+def cache_key(recipe, tokenizer, encoder) -> dict[str, str]:
+    """Digests of everything the stored log-probs depend on.
 
-    `data`: the recipe's data section; `encoder`: its SampleEncoder (pipeline.make_encoder)."""
+    `recipe`: the training recipe; `encoder`: its SampleEncoder (pipeline.make_encoder)."""
+    data = recipe.data
     vocab = sorted(tokenizer.get_vocab().items())
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     template = [data.template, data.system_prompt]
@@ -47,6 +48,7 @@ def cache_key(data, tokenizer, encoder) -> dict[str, str]:
     if encoder.tiler is not None:
         images.append(data.anyres_grids)
     return {
+        "reference": _digest(reference_identity(recipe)),
         "tokenizer": _digest([type(tokenizer).__name__, vocab, specials]),
         "template": _digest(template),
         "image preprocessing": _digest(images),
@@ -54,12 +56,45 @@ def cache_key(data, tokenizer, encoder) -> dict[str, str]:
     }
 
 
+def reference_identity(recipe) -> list:
+    """What the reference's weights are: the checkpoint's weight files (sampled, so a copy elsewhere matches and a
+    retrained one does not) or, built from the recipe, its model section and seed. An adapters-disabled reference
+    depends on the stage's LoRA too (adapters the stage continues are off in the reference; others are folded)."""
+    options = recipe.stage.objective
+    if options.get("reference"):
+        return ["checkpoint", weights_fingerprint(Path(options["reference"]))]
+    stage = recipe.stage.model_dump(mode="json")
+    if recipe.stage.init_from:
+        return ["initial policy", weights_fingerprint(Path(recipe.stage.init_from)), stage["lora"]]
+    model = recipe.model.model_dump(mode="json", exclude={"tokenizer"})  # the tokenizer has its own key
+    return ["built", model, recipe.train.seed, stage["lora"]]
+
+
+def weights_fingerprint(folder: Path, samples: int = 16, span: int = 1 << 16) -> list:
+    """Name, size and `samples` evenly spaced `span`-byte reads of every weight file under `folder`: cheap for a
+    70B checkpoint, yet two trainings of one architecture differ in every read."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()
+                   and "deepspeed" not in p.parts and not p.name.startswith("rank"))  # fmt: skip
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no weight files (*.safetensors, *.bin): is it a checkpoint?")
+    found = []
+    for path in files:
+        size = path.stat().st_size
+        reads = hashlib.sha256()
+        with path.open("rb") as handle:
+            for offset in sorted({size * i // samples for i in range(samples)}):
+                handle.seek(offset)
+                reads.update(handle.read(span))
+        found.append([str(path.relative_to(folder)), size, reads.hexdigest()[:16]])
+    return found
+
+
 def check_key(stored: dict[str, str], current: dict[str, str], path: Path) -> None:
     differs = [name for name in current if stored.get(name) != current[name]]
     if differs:
         raise ValueError(
             f"precomputed reference log-probs {path} were written for another {' and '.join(differs)} than this "
-            "recipe's: the stored values no longer match its tokens or pixels; rerun `llava-train dpo-precompute "
+            "recipe's: the stored values no longer match its reference, tokens or pixels; rerun `llava-train dpo-precompute "
             f"RECIPE` (it rewrites mismatched files), or restore the recipe's {', '.join(differs)}"
         )
 

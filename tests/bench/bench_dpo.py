@@ -1,18 +1,19 @@
 """DPO on the demo task, per reference kind: preference and answer accuracy before/after, step time and memory.
 
-    python tests/bench/bench_dpo.py [--workdir runs/bench_dpo] [--sft-steps 300] [--dpo-steps 60]
+    python tests/bench/bench_dpo.py [--workdir runs/bench_dpo] [--sft-steps 200] [--dpo-steps 200] [--lr 1e-3]
 
-1. Data (explicit parameters): the demo's coloured shapes (data_tools/demo_data.build_demo_data) for SFT and
-   held-out questions, and preference pairs (data_tools/demo_pairs): a colour or count question, chosen = the
-   right answer, rejected = a hallucinated one; train pairs and held-out pairs from disjoint image streams.
-2. SFT from scratch (a model smaller than recipes/demo/base.yaml's: VISION, LM below), then DPO from that checkpoint with LoRA on the
-   LM (the only trainable part), beta 0.1, once per reference kind, each run in its own process:
+1. Data: the demo's (tests/bench/demo_setup.py pins it: 6000 images at 48 px, shapes x1.75), and preference pairs
+   (data_tools/demo_pairs) drawn like the demo's training images: a colour, count, shape or position question,
+   chosen = the right answer, rejected = a hallucinated one; train and held-out pairs from disjoint image streams.
+2. The SFT model is the demo model (pretrain 150 steps) stopped early (`--sft-steps`, default 200 of the demo's 700),
+   so it still answers some questions wrongly: there is something for DPO to fix. DPO from that checkpoint with
+   LoRA r 8 on the LM (the only trainable part), beta 0.1, once per reference kind, each run in its own process:
    `separate` (the SFT checkpoint loaded as a frozen model), `adapters_off` (the policy with its LoRA disabled),
    `precomputed` (`llava-train dpo-precompute` first, timed apart; no reference model).
    The three references are the same function, so the three runs learn the same thing; only cost differs.
 3. Prints one table: preference accuracy on held-out pairs (the policy's own log p(chosen) > log p(rejected)),
-   held-out answer accuracy (greedy, exact match; all questions and the colour/count ones the pairs are about),
-   median step time and peak memory (the process's peak RSS on CPU; CUDA's peak allocated on a GPU).
+   held-out answer accuracy (greedy, exact match) overall and per question type, median step time and peak memory
+   (the process's peak RSS on CPU; CUDA's peak allocated on a GPU).
 """
 
 from __future__ import annotations
@@ -24,62 +25,39 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import yaml
+from demo_setup import DATA, PRETRAIN_STEPS, REPO, accuracy, recipe, train
 
-REPO = Path(__file__).resolve().parents[2]
 KINDS = ("separate", "adapters_off", "precomputed")
-# Smaller than the demo's model (recipes/demo/base.yaml), so SFT + 3 DPO runs fit ~15 min on 2 CPU cores.
-VISION = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 64,
-          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}  # fmt: skip
-LM = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
-      "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 
-def build_data(workdir: Path, args) -> dict[str, Path]:
+def build_data(workdir: Path, args) -> Path:
     from data_tools.demo_data import build_demo_data
     from data_tools.demo_pairs import build_demo_pairs
 
-    paths = build_demo_data(workdir / "data", num_train=args.sft_samples, num_eval=args.eval_questions,
-                            image_size=32, seed=0, samples_per_shard=250)  # fmt: skip
+    data = workdir / "data"
+    build_demo_data(data, **DATA)
     for name, num, seed in (("pairs", args.pairs, 0), ("heldout_pairs", args.heldout_pairs, 1)):
-        paths[name] = workdir / name
-        if not paths[name].is_dir():
-            build_demo_pairs(paths[name], num_pairs=num, image_size=32, seed=seed, samples_per_shard=100, prefix=name)
-    return paths
+        if not (data / name).is_dir():
+            build_demo_pairs(data / name, num_pairs=num, image_size=DATA["image_size"], shape_scale=DATA["shape_scale"],
+                             seed=seed, samples_per_shard=250, prefix=name)  # fmt: skip
+    return data
 
 
-def base_recipe(paths: dict[str, Path], out: Path, steps: int) -> dict:
-    recipe = yaml.safe_load((REPO / "recipes/demo/base.yaml").read_text())
-    recipe["model"]["vision"]["config"], recipe["model"]["lm"]["config"] = dict(VISION), dict(LM)
-    recipe["model"]["tokenizer"] = str(paths["tokenizer"])
-    recipe["data"].update(eval=[], max_length=160)
-    recipe["train"].update(output_dir=str(out), max_steps=steps, progress_bar=False, log_every=1, save_every=0,
-                           eval_every=0, warmup_ratio=0.05)  # fmt: skip
-    return recipe
-
-
-def sft_recipe(paths, out: Path, steps: int) -> dict:
-    recipe = base_recipe(paths, out, steps)
-    recipe["stage"] = {"name": "sft", "trainable": {"vision": True}}
-    recipe["data"]["train"] = [f"{paths['sft']}/shard-*.tar"]
-    recipe["train"].update(lr=2e-3, micro_batch_size=16)
-    return recipe
-
-
-def dpo_recipe(paths, out: Path, steps: int, sft: str, kind: str) -> dict:
-    recipe = base_recipe(paths, out, steps)
+def dpo_recipe(data: Path, out: Path, steps: int, sft: Path, kind: str, lr: float) -> dict:
+    raw = recipe(data, out, "sft", steps, init_from=sft, lr=lr, shards="pairs")
     objective = {"type": "dpo", "beta": 0.1}
     if kind == "separate":
-        objective["reference"] = sft
+        objective["reference"] = str(sft)
     elif kind == "precomputed":
         objective["precomputed_reference"] = True
-    recipe["stage"] = {"name": "sft_lora", "init_from": sft, "trainable": {"vision": False, "connector": False},
-                       "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "objective": objective}  # fmt: skip
-    recipe["data"]["train"] = [f"{paths['pairs']}/shard-*.tar"]
-    recipe["train"].update(lr=5e-4, micro_batch_size=8)
-    return recipe
+    raw["stage"].update(name="sft_lora", trainable={"vision": False, "connector": False}, lr={},
+                        lora={"r": 8, "alpha": 16, "dropout": 0.0}, objective=objective)  # fmt: skip
+    raw["train"].update(micro_batch_size=8, save_every=0, eval_every=0)
+    return raw
 
 
 def llava_train(*args: str) -> float:
@@ -92,13 +70,13 @@ def llava_train(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def train(recipe: dict, name: str, workdir: Path) -> Path:
-    """Train `recipe` (skipped when its final checkpoint exists); returns the checkpoint."""
-    out = Path(recipe["train"]["output_dir"])
-    checkpoint = out / "checkpoints" / f"step-{recipe['train']['max_steps']}"
+def train_in_subprocess(raw: dict, workdir: Path) -> Path:
+    """Train `raw` through the CLI in a fresh process (its own peak memory), unless its final checkpoint exists."""
+    out = Path(raw["train"]["output_dir"])
+    checkpoint = out / "checkpoints" / f"step-{raw['train']['max_steps']}"
     if not checkpoint.is_dir():
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
+        path = workdir / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
         llava_train("train", str(path))
     return checkpoint
 
@@ -111,78 +89,84 @@ def step_stats(out: Path, warmup: int = 3) -> dict:
             "train_pref_acc": statistics.mean(r["objective/rewards/accuracy"] for r in steps[-5:])}  # fmt: skip
 
 
-def preference_accuracy(checkpoint: Path, shards: Path, data) -> float:
-    """Share of held-out pairs whose chosen answer the model finds likelier than the rejected one."""
+def preference_accuracy(checkpoint: Path, shards: Path, data) -> dict:
+    """Share of held-out pairs whose chosen answer the model finds likelier than the rejected one: all, per qtype."""
     import torch
 
     from llava_train.data import pipeline
-    from llava_train.data.shards import expand_urls
+    from llava_train.data.shards import ShardStream, expand_urls
     from llava_train.model.io import load_any
     from llava_train.objectives.dpo_precompute import shard_loader, shard_logprobs
 
     model, tokenizer = load_any(checkpoint)
     encoder = pipeline.make_encoder(data, tokenizer, model, accept_groups=True)
     collate_fn = pipeline.make_collate(tokenizer, model)
-    wins = []
+    wins = defaultdict(list)
     for shard in expand_urls([f"{shards}/shard-*.tar"]):
+        qtypes = {raw["json"]["id"]: raw["json"]["meta"]["qtype"]
+                  for raw in ShardStream([shard], lambda raw: raw, shuffle=False, loop=False)}  # fmt: skip
         pairs = shard_logprobs(model, shard_loader(shard, data, 16, encoder, collate_fn), 1024, torch.device("cpu"),
                                autocast=False)  # fmt: skip
-        wins += [p["chosen"]["sum"] > p["rejected"]["sum"] for p in pairs.values()]
-    return sum(wins) / len(wins)
-
-
-def accuracy(checkpoint: Path, paths, data) -> dict:
-    from llava_train.demo import evaluate_accuracy
-
-    report = evaluate_accuracy(checkpoint, paths["eval"], data.template)
-    per_type, counts = report["accuracy"], report["eval_questions"]
-    total = sum(counts.values())
-    paired = [q for q in ("colour", "count") if q in per_type]
-    return {"answer_acc": sum(per_type[q] * counts[q] for q in per_type) / total,
-            "paired_acc": sum(per_type[q] * counts[q] for q in paired) / sum(counts[q] for q in paired),
-            "pref_acc": preference_accuracy(checkpoint, paths["heldout_pairs"], data)}  # fmt: skip
+        for pair_id, pair in pairs.items():
+            win = pair["chosen"]["sum"] > pair["rejected"]["sum"]
+            wins["all"].append(win)
+            wins[qtypes[pair_id]].append(win)
+    return {qtype: sum(w) / len(w) for qtype, w in wins.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/bench_dpo")
-    parser.add_argument("--sft-samples", type=int, default=3000)
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--eval-questions", type=int, default=240)
-    parser.add_argument("--pairs", type=int, default=800)
-    parser.add_argument("--heldout-pairs", type=int, default=200)
-    parser.add_argument("--dpo-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=200, help="SFT steps of the starting model (the demo: 700)")
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--heldout-pairs", type=int, default=400)
+    parser.add_argument("--dpo-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-3, help="DPO's (LoRA) learning rate")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    paths = build_data(workdir, args)
-    sft = train(sft_recipe(paths, workdir / "sft", args.sft_steps), "sft", workdir)
+    data = build_data(workdir, args)
+    pre = train(recipe(data, workdir / "pretrain", "pretrain", PRETRAIN_STEPS, template="plain"))
+    sft = train(recipe(data, workdir / f"sft{args.sft_steps}", "sft", args.sft_steps, init_from=pre))
     from llava_train.recipe import validate_recipe
 
-    data = validate_recipe(dpo_recipe(paths, workdir / "unused", 1, str(sft), "adapters_off")).data
-    rows = {"sft (before)": accuracy(sft, paths, data)}
-    for kind in KINDS:
-        recipe = dpo_recipe(paths, workdir / f"dpo_{kind}", args.dpo_steps, str(sft), kind)
+    recipe_data = validate_recipe(dpo_recipe(data, workdir / "unused", 1, sft, "adapters_off", args.lr)).data
+
+    def scores(checkpoint: Path) -> dict:
+        return {"answer": accuracy(checkpoint, data),
+                "pref": preference_accuracy(checkpoint, data / "heldout_pairs", recipe_data)}  # fmt: skip
+
+    rows = {"sft (before)": scores(sft)}
+    for kind in args.kinds:
+        raw = dpo_recipe(data, workdir / f"dpo_{kind}_lr{args.lr:g}_{args.dpo_steps}", args.dpo_steps, sft, kind,
+                         args.lr)  # fmt: skip
         extra = {}
         if kind == "precomputed":
             path = workdir / "dpo_precomputed.yaml"
-            path.write_text(yaml.safe_dump(recipe))
+            path.write_text(yaml.safe_dump(raw))
             extra["precompute_s"] = llava_train("dpo-precompute", str(path))
-        checkpoint = train(recipe, f"dpo_{kind}", workdir)
-        rows[f"dpo {kind}"] = {**accuracy(checkpoint, paths, data), **step_stats(workdir / f"dpo_{kind}"), **extra}
+        checkpoint = train_in_subprocess(raw, workdir)
+        rows[f"dpo {kind}"] = {**scores(checkpoint), **step_stats(Path(raw["train"]["output_dir"])), **extra}
     print_table(rows, args, time.perf_counter() - started)
     (workdir / "bench_dpo.json").write_text(json.dumps(rows, indent=1))
 
 
 def print_table(rows: dict, args, seconds: float) -> None:
-    print(f"\nDPO on the demo: {args.pairs} train pairs, {args.dpo_steps} steps x 8 pairs, beta 0.1, LoRA r 8 "
-          f"(from SFT: {args.sft_steps} steps); held-out: {args.heldout_pairs} pairs, {args.eval_questions} questions")
-    header = f"{'run':<18}{'pref acc':>9}{'answer acc':>11}{'colour+count':>13}{'step s':>8}{'peak GB':>9}{'final loss':>11}"
-    print(header + "\n" + "-" * len(header))
+    print(f"\nDPO on the demo: {args.pairs} train pairs, {args.dpo_steps} steps x 8 pairs, beta 0.1, LoRA r 8, "
+          f"lr {args.lr:g}, from the demo model at SFT step {args.sft_steps}; held-out: {args.heldout_pairs} pairs, "
+          f"{DATA['num_eval']} questions")
+    qtypes = sorted(k for k in rows["sft (before)"]["answer"] if k != "all")
+    lines = ["| run | pref acc | " + " | ".join(f"pref {q}" for q in qtypes) + " | answer acc | "
+             + " | ".join(qtypes) + " | step s | peak GB | final loss |"]  # fmt: skip
+    lines.append("|---" * (5 + 2 * len(qtypes)) + "|")
     for name, r in rows.items():
-        cost = f"{r['step_s']:>8.3f}{r['peak_gb']:>9.2f}{r['loss']:>11.3f}" if "step_s" in r else f"{'':>28}"
-        print(f"{name:<18}{r['pref_acc']:>9.1%}{r['answer_acc']:>11.1%}{r['paired_acc']:>13.1%}{cost}")
+        pref = " | ".join(f"{r['pref'].get(q, 0):.1%}" for q in qtypes)
+        answer = " | ".join(f"{r['answer'].get(q, 0):.1%}" for q in qtypes)
+        cost = f"{r['step_s']:.3f} | {r['peak_gb']:.2f} | {r['loss']:.3f}" if "step_s" in r else " | "
+        lines.append(f"| {name} | {r['pref']['all']:.1%} | {pref} | {r['answer']['all']:.1%} | {answer} | {cost} |")
+    print("\n".join(lines))
     pre = rows.get("dpo precomputed", {})
     if "precompute_s" in pre:
         print(f"precompute (once, reused by every later run): {pre['precompute_s']:.1f} s wall, process start included")

@@ -26,61 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-# The demo's data, tower and LM (recipes/demo as of this bench), pinned so a retuned demo does not move these numbers:
-# the teacher is the demo model, the student's LM is half as wide and half as deep.
-DATA = dict(num_train=6000, num_eval=400, image_size=48, shape_scale=1.75, samples_per_shard=250, seed=0)
-VISION = {"model_type": "clip_vision_model", "image_size": 48, "patch_size": 8, "hidden_size": 128,
-          "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4}
-TEACHER_LM = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 688,
-              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "max_position_embeddings": 512, "tie_word_embeddings": False}
+from demo_setup import DATA, LM as TEACHER_LM, PRETRAIN_STEPS, REPO, accuracy, recipe, train
+
+# The teacher is the demo model (demo_setup pins it); the student's LM is half as wide and half as deep.
 STUDENT_LM = {**TEACHER_LM, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2}
-PRETRAIN_STEPS, PRETRAIN_LR, SFT_LR, VISION_LR = 150, 2e-3, 1e-3, 3e-4  # the demo's schedule
 KD = {"type": "kd", "ce_weight": 1.0, "mdist_weight": 1.0, "visual_mdist_weight": 1.0, "rdist_weight": 1.0}
-
-
-def recipe(data: Path, out: Path, lm: dict, stage: str, steps: int, lr: float, template: str = "vicuna_v1",
-           init_from: Path | None = None, objective: dict | None = None, seed: int = 0) -> dict:
-    shards = "pretrain" if stage == "pretrain" else "sft"
-    lrs = {} if stage == "pretrain" else {"vision": VISION_LR}
-    return {
-        "model": {"vision": {"config": dict(VISION), "feature_layer": -1}, "connector": {"type": "mlp"},
-                  "lm": {"config": dict(lm)}, "tokenizer": str(data / "tokenizer")},
-        "stage": {"name": stage, "init_from": str(init_from) if init_from else None,
-                  "trainable": {"vision": True}, "lr": lrs, "objective": objective or {"type": "lm"}},
-        "data": {"train": [str(data / shards / "shard-*.tar")], "template": template, "system_prompt": "",
-                 "max_length": 256, "image_mode": "resize"},
-        "train": {"output_dir": str(out), "seed": seed, "max_steps": steps, "micro_batch_size": 16, "lr": lr, "warmup_ratio": 0.05,
-                  "min_lr_ratio": 0.1, "precision": "bf16", "log_every": 1, "keep_last": 1, "progress_bar": False,
-                  "wandb": {"mode": "disabled"}},
-    }
-
-
-def train(raw: dict) -> Path:
-    from llava_train.recipe import validate_recipe
-    from llava_train.train.trainer import Trainer
-
-    out = Path(raw["train"]["output_dir"])
-    done = out / "checkpoints" / f"step-{raw['train']['max_steps']}"
-    if not done.is_dir():  # a rerun reuses finished stages
-        if Trainer(validate_recipe(raw)).train().preempted:
-            sys.exit(f"stopped by a signal during {out}; rerun the same command to continue")
-    return done
 
 
 def step_times(run: Path) -> float:
     rows = [json.loads(line) for line in (run.parent.parent / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["step_time_s"] for r in rows if "step_time_s" in r)
-
-
-def accuracy(checkpoint: Path, data: Path) -> dict:
-    from llava_train.evaluate.answer import EvalOptions
-    from llava_train.evaluate.checkpoint import evaluate_checkpoint
-
-    options = EvalOptions(batch_size=32, max_new_tokens=8, by=("qtype",))
-    summary = evaluate_checkpoint(checkpoint, [str(data / "eval" / "shard-*.tar")], options, progress=False)
-    return {"all": summary["accuracy"], **{k: v["accuracy"] for k, v in summary["by"]["qtype"].items()}}
 
 
 def experiment(args) -> dict:
@@ -90,16 +45,16 @@ def experiment(args) -> dict:
     data = out / "data"
     build_demo_data(data, **DATA)
     p, s = min(PRETRAIN_STEPS, args.steps), args.steps
-    teacher_pre = train(recipe(data, out / "teacher_pretrain", TEACHER_LM, "pretrain", p, PRETRAIN_LR, "plain"))
-    teacher = train(recipe(data, out / "teacher", TEACHER_LM, "sft", s, SFT_LR, init_from=teacher_pre))
+    teacher_pre = train(recipe(data, out / "teacher_pretrain", "pretrain", p, template="plain"))
+    teacher = train(recipe(data, out / "teacher", "sft", s, init_from=teacher_pre))
     kd = {**KD, "teacher": str(teacher)}
-    pre = train(recipe(data, out / "pretrain", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain", seed=args.seed))
-    plain = train(recipe(data, out / "sft", STUDENT_LM, "sft", s, SFT_LR, init_from=pre, seed=args.seed))
-    dpt = train(recipe(data, out / "dpt", STUDENT_LM, "pretrain", p, PRETRAIN_LR, "plain",
-                       objective={**kd, "same_template": False}, seed=args.seed))
-    kd_sft = train(recipe(data, out / "kd_sft", STUDENT_LM, "sft", s // 2, SFT_LR, init_from=dpt, seed=args.seed))
-    dft = train(recipe(data, out / "dft", STUDENT_LM, "sft", s - s // 2, SFT_LR, init_from=kd_sft, objective=kd,
-                       seed=args.seed))
+    student = dict(lm=STUDENT_LM, seed=args.seed)
+    pre = train(recipe(data, out / "pretrain", "pretrain", p, template="plain", **student))
+    plain = train(recipe(data, out / "sft", "sft", s, init_from=pre, **student))
+    dpt = train(recipe(data, out / "dpt", "pretrain", p, template="plain", objective={**kd, "same_template": False},
+                       **student))  # fmt: skip
+    kd_sft = train(recipe(data, out / "kd_sft", "sft", s // 2, init_from=dpt, **student))
+    dft = train(recipe(data, out / "dft", "sft", s - s // 2, init_from=kd_sft, objective=kd, **student))
     return {
         "accuracy": {"teacher": accuracy(teacher, data), "student (pretrain -> SFT)": accuracy(plain, data),
                      "student (DPT -> SFT -> DFT)": accuracy(dft, data)},
@@ -181,7 +136,6 @@ def main() -> None:
         variant, tokens, vocab, dim = args.child
         print(json.dumps(memory_child(variant, int(tokens), int(vocab), int(dim))))
         return
-    sys.path.insert(0, str(REPO))
     if args.quick:
         args.steps = 8
         DATA.update(num_train=200, num_eval=32)

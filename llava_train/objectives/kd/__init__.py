@@ -31,7 +31,7 @@ from llava_train.data.batch import TokenRole
 from llava_train.model.io import load_any
 from llava_train.objectives.base import Objective, ObjectiveOptions, ObjectiveOutput, register_objective
 from llava_train.objectives.kd import checks, on_policy, relation
-from llava_train.objectives.kd.teacher_batch import teacher_batch
+from llava_train.objectives.kd.teacher_batch import PixelMap, teacher_batch
 from llava_train.objectives.lm import cross_entropy_sum, supervised_positions
 
 
@@ -82,6 +82,7 @@ class KnowledgeDistillation(Objective):
         teacher, _ = load_any(options.teacher, build.zero3_config)
         checks.check_models(options, build.model, teacher)
         self.add_frozen_model("teacher", teacher)
+        self.pixel_map = PixelMap.between(*checks.image_processors(build, options.teacher, teacher))
         self.pad_id = build.tokenizer.pad_token_id
         self.stop_ids = on_policy.stop_ids(build.tokenizer, build.recipe.data.template)
 
@@ -171,7 +172,8 @@ class KnowledgeDistillation(Objective):
     def _teacher_batch(self, model, batch):
         student_tokens = model.connector.visual_tokens().num_tokens(batch.visual_budget)
         t = self.teacher
-        return teacher_batch(batch, student_tokens, t.tokens_per_image, t.vision.image_size, self.pad_id, t.image_token_id)
+        return teacher_batch(batch, student_tokens, t.tokens_per_image, t.vision.image_size, self.pad_id,
+                             t.image_token_id, self.pixel_map)  # fmt: skip
 
     # ------------------------------------------------------------------ GKD
 
