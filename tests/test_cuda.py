@@ -195,3 +195,38 @@ def test_triton_loss_compiled_at_qwen2_vocabulary_in_bf16_matches_torch():
     want_grads = torch.autograd.grad(want.loss, (hidden, weight))
     for g, w in zip(got_grads, want_grads):
         assert g.dtype == torch.bfloat16 and relative_error(g, w) < 1e-2
+
+
+# ----------------------------------------------------------------------------- a KD teacher offloaded to CPU
+
+
+def test_an_offloaded_kd_teacher_leaves_gpu_memory_to_the_student_and_gives_the_same_loss(demo_data, tmp_path):
+    """ZeRO-2 bf16: the offloaded teacher's blocks stay in CPU memory between forwards (accelerate's hooks), so
+    less is allocated on the GPU after the build, and one KD forward gives the resident teacher's loss."""
+    from llava_train.recipe import validate_recipe
+    from llava_train.train.trainer import Trainer
+
+    raw = tiny_recipe_dict(demo_data, tmp_path / "teacher", max_steps=1)
+    raw["model"]["lm"]["config"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=6)  # weighs MBs
+    raw["data"]["eval"] = []
+    teacher = Trainer(validate_recipe(raw)).train().checkpoint
+    allocated, losses = {}, {}
+    for offload in (False, True):
+        recipe = tiny_recipe_dict(demo_data, tmp_path / str(offload), max_steps=1, precision="bf16", zero_stage=2)
+        recipe["stage"] = {"name": "sft", "objective": {"type": "kd", "teacher": str(teacher),
+                                                        "teacher_offload": offload}}  # fmt: skip
+        recipe["data"]["eval"] = []
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        trainer = Trainer(validate_recipe(recipe))
+        allocated[offload] = torch.cuda.memory_allocated() - before
+        layers = list(trainer.objective.teacher.decoder.layers.parameters())
+        assert {p.device.type for p in layers} == ({"meta"} if offload else {"cuda"})
+        if not offload:
+            layer_bytes = sum(p.numel() * p.element_size() for p in layers)
+        batch = next(iter(trainer.loader)).to(trainer.dist.device, dtype=trainer.input_dtype)
+        with torch.no_grad():
+            losses[offload] = float(trainer.objective(trainer.model, batch).loss_sum)
+        del trainer
+    assert allocated[False] - allocated[True] > 0.9 * layer_bytes, (allocated, layer_bytes)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

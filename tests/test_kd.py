@@ -323,6 +323,32 @@ def test_refusals_at_recipe_load(demo_data, tmp_path, teacher_checkpoint, small_
         validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, {"divergence": "jsd", "top_k": 5}))
 
 
+def test_an_offloaded_teacher_streams_its_weights_and_gives_the_same_loss(demo_data, tmp_path, teacher_checkpoint):
+    """Without ZeRO-3 an offloaded teacher sits outside the engine's module (which moves to the device whole):
+    between forwards its blocks hold no weights (accelerate keeps them in CPU memory), its head stays resident, and
+    every term equals the resident teacher's."""
+    from llava_train.model.offload import with_param_offload
+
+    outputs = {}
+    for offload in (False, True):
+        trainer = Trainer(validate_recipe(kd_recipe(demo_data, tmp_path / str(offload), teacher_checkpoint,
+                                                    {"teacher_offload": offload}, micro_batch_size=4)))  # fmt: skip
+        teacher = trainer.objective.teacher
+        in_engine = any(p is q for p in teacher.parameters() for q in trainer.engine.module.parameters())
+        assert in_engine != offload and ("teacher" in trainer.objective.frozen) != offload
+        blocks = {p.device.type for part in (teacher.decoder.layers, teacher.vision) for p in part.parameters()}
+        assert blocks == ({"meta"} if offload else {"cpu"})
+        assert teacher.output_embeddings.weight.device.type == "cpu"  # the device here: resident
+        batch = next(iter(trainer.loader))
+        outputs[offload] = trainer.objective(trainer.model, batch)
+    torch.testing.assert_close(outputs[True].loss_sum, outputs[False].loss_sum, rtol=1e-6, atol=1e-6)
+    for name, value in outputs[False].aux_losses.items():
+        torch.testing.assert_close(outputs[True].aux_losses[name], value, rtol=1e-6, atol=1e-6)
+    config = {"zero_optimization": {"stage": 3}}
+    assert with_param_offload(config)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "offload_param" not in config["zero_optimization"]  # a copy: the student's config is untouched
+
+
 def test_on_policy_steps_distil_on_the_students_samples(demo_data, tmp_path, teacher_checkpoint):
     options = {"on_policy": 1.0, "max_new_tokens": 5}
     Trainer(validate_recipe(kd_recipe(demo_data, tmp_path, teacher_checkpoint, options, max_steps=2))).train()
@@ -332,16 +358,18 @@ def test_on_policy_steps_distil_on_the_students_samples(demo_data, tmp_path, tea
 
 
 @pytest.mark.slow
-def test_two_ranks_zero3_with_a_teacher_match_one(demo_data, tmp_path, teacher_checkpoint):
+@pytest.mark.parametrize("offload", [False, True], ids=["teacher_on_device", "teacher_offloaded"])
+def test_two_ranks_zero3_with_a_teacher_match_one(demo_data, tmp_path, teacher_checkpoint, offload):
     from tests.test_distributed import launch
 
-    def recipe(out, micro, zero):
-        options = {"visual_mdist_weight": 0.0, "rdist_weight": 0.0}  # per-micro-batch means: not split-invariant
+    def recipe(out, micro, zero, offload=False):
+        options = {"visual_mdist_weight": 0.0, "rdist_weight": 0.0,  # per-micro-batch means: not split-invariant
+                   "teacher_offload": offload}  # fmt: skip
         return kd_recipe(demo_data, out / "out", teacher_checkpoint, options, max_steps=3, micro_batch_size=micro,
                          zero_stage=zero)
 
     single = launch(recipe(tmp_path / "one", 8, 0), tmp_path / "one", nproc=1)
-    two = launch(recipe(tmp_path / "two", 4, 3), tmp_path / "two", nproc=2)
+    two = launch(recipe(tmp_path / "two", 4, 3, offload), tmp_path / "two", nproc=2)
     for step, loss in single.items():
         assert two[step] == pytest.approx(loss, rel=1e-4), step
 

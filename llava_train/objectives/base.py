@@ -48,6 +48,8 @@ class BuildContext:
     tokenizer: object
     model: nn.Module  # the student / policy
     zero3_config: dict | None = None  # set under ZeRO-3: second models load straight into partitions
+    device: torch.device = torch.device("cpu")  # where the step runs
+    weights_dtype: torch.dtype = torch.float32  # the dtype the engine keeps the student's weights in
 
 
 class Objective(nn.Module, metaclass=ABCMeta):
@@ -63,6 +65,9 @@ class Objective(nn.Module, metaclass=ABCMeta):
         self.options = options
         self.loss_config = build.recipe.stage.loss
         self.frozen = nn.ModuleDict()  # second models: eval mode, no grad, partitioned under ZeRO-3
+        # Second models streamed from CPU memory (model/offload.py): a plain dict, outside the module tree, since
+        # the engine moves its module to the device whole.
+        self.streamed: dict[str, nn.Module] = {}
         # ...and never in a state dict: DeepSpeed's engine checkpoint (`module` of ZeRO 0-2) would otherwise
         # write the whole teacher at every save. A resume rebuilds them from their own files instead.
         self.register_state_dict_post_hook(_drop_frozen_keys)
@@ -86,10 +91,22 @@ class Objective(nn.Module, metaclass=ABCMeta):
         heads = [model.output_embeddings] + [m.output_embeddings for m in self.frozen.values()]
         return [head.weight for head in heads]
 
-    def add_frozen_model(self, name: str, model: nn.Module) -> nn.Module:
+    def add_frozen_model(self, name: str, model: nn.Module, stream_with: BuildContext | None = None) -> nn.Module:
+        """Register a second model. `stream_with`: keep its weights in CPU memory, moved to the build's device (in
+        its weights' dtype) a submodule at a time; not under ZeRO-3, where `model.offload.with_param_offload` is
+        the config to load it with."""
         model.requires_grad_(False)
-        self.frozen[name] = model.eval()
+        model.eval()
+        if stream_with is None:
+            self.frozen[name] = model
+            return model
+        from llava_train.model.offload import stream_from_cpu
+
+        self.streamed[name] = stream_from_cpu(model, stream_with.device, stream_with.weights_dtype)
         return model
+
+    def frozen_model(self, name: str) -> nn.Module:
+        return self.frozen[name] if name in self.frozen else self.streamed[name]
 
     def train(self, mode: bool = True):
         super().train(mode)

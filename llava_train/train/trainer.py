@@ -150,7 +150,9 @@ class Trainer:
         optimizer, schedule = build_optimizer(groups, self.recipe)
         ds_config = self._ds_config()
         zero3_config = ds_config if self.cfg.zero_stage == 3 else None
-        build = BuildContext(self.recipe, self.tokenizer, self.model, zero3_config)
+        bf16_weights = self.cfg.precision == "bf16" and not self._autocast
+        weights_dtype = torch.bfloat16 if bf16_weights else torch.float32
+        build = BuildContext(self.recipe, self.tokenizer, self.model, zero3_config, self.dist.device, weights_dtype)
         self.objective = build_objective(self.recipe.stage.objective, build)
         module = ObjectiveModule(self.model, self.objective)
         if self.cfg.zero_stage == 3:
@@ -169,8 +171,7 @@ class Trainer:
                 cast_unpartitioned(module, torch.bfloat16)  # the connector (and modules) join the bf16 partitions
         self.engine = initialize_engine(module, optimizer, schedule, ds_config)
         self.optimizer = optimizer  # what DeepSpeed steps at each boundary, under every ZeRO stage
-        bf16_weights = self.cfg.precision == "bf16" and not self._autocast
-        self.input_dtype = torch.bfloat16 if bf16_weights else torch.float32
+        self.input_dtype = weights_dtype
         self.compute_dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
 
     # ------------------------------------------------------------------ loop

@@ -47,9 +47,9 @@ def build_data(workdir: Path, args) -> Path:
     return data
 
 
-def dpo_recipe(data: Path, out: Path, steps: int, sft: Path, kind: str, lr: float) -> dict:
-    raw = recipe(data, out, "sft", steps, init_from=sft, lr=lr, shards="pairs")
-    objective = {"type": "dpo", "beta": 0.1}
+def dpo_recipe(data: Path, out: Path, steps: int, sft: Path, kind: str, args) -> dict:
+    raw = recipe(data, out, "sft", steps, init_from=sft, lr=args.lr, shards="pairs")
+    objective = {"type": "dpo", "beta": args.beta, "sft_weight": args.sft_weight}
     if kind == "separate":
         objective["reference"] = str(sft)
     elif kind == "precomputed":
@@ -62,7 +62,10 @@ def dpo_recipe(data: Path, out: Path, steps: int, sft: Path, kind: str, lr: floa
 
 def llava_train(*args: str) -> float:
     """Run the CLI in a fresh process (its own peak memory); returns the wall time."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # Without this process's rendezvous (set up when it trained the SFT model): the child picks its own port.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "LOCAL_WORLD_SIZE")}  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "llava_train", *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--heldout-pairs", type=int, default=400)
     parser.add_argument("--dpo-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3, help="DPO's (LoRA) learning rate")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--sft-weight", type=float, default=0.0, help="RPO: an SFT term on the chosen answer")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
@@ -132,7 +137,7 @@ def main() -> None:
     sft = train(recipe(data, workdir / f"sft{args.sft_steps}", "sft", args.sft_steps, init_from=pre))
     from llava_train.recipe import validate_recipe
 
-    recipe_data = validate_recipe(dpo_recipe(data, workdir / "unused", 1, sft, "adapters_off", args.lr)).data
+    recipe_data = validate_recipe(dpo_recipe(data, workdir / "unused", 1, sft, "adapters_off", args)).data
 
     def scores(checkpoint: Path) -> dict:
         return {"answer": accuracy(checkpoint, data),
@@ -140,8 +145,8 @@ def main() -> None:
 
     rows = {"sft (before)": scores(sft)}
     for kind in args.kinds:
-        raw = dpo_recipe(data, workdir / f"dpo_{kind}_lr{args.lr:g}_{args.dpo_steps}", args.dpo_steps, sft, kind,
-                         args.lr)  # fmt: skip
+        name = f"dpo_{kind}_lr{args.lr:g}_beta{args.beta:g}_sft{args.sft_weight:g}_{args.dpo_steps}"
+        raw = dpo_recipe(data, workdir / name, args.dpo_steps, sft, kind, args)
         extra = {}
         if kind == "precomputed":
             path = workdir / "dpo_precomputed.yaml"
@@ -154,7 +159,8 @@ def main() -> None:
 
 
 def print_table(rows: dict, args, seconds: float) -> None:
-    print(f"\nDPO on the demo: {args.pairs} train pairs, {args.dpo_steps} steps x 8 pairs, beta 0.1, LoRA r 8, "
+    print(f"\nDPO on the demo: {args.pairs} train pairs, {args.dpo_steps} steps x 8 pairs, beta {args.beta:g}, "
+          f"SFT weight {args.sft_weight:g}, LoRA r 8, "
           f"lr {args.lr:g}, from the demo model at SFT step {args.sft_steps}; held-out: {args.heldout_pairs} pairs, "
           f"{DATA['num_eval']} questions")
     qtypes = sorted(k for k in rows["sft (before)"]["answer"] if k != "all")

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from kernels.distillation import Divergence, DivergenceSpec, chunked_distillation
 from llava_train.data.batch import TokenRole
 from llava_train.model.io import load_any
+from llava_train.model.offload import with_param_offload
 from llava_train.objectives.base import Objective, ObjectiveOptions, ObjectiveOutput, register_objective
 from llava_train.objectives.kd import checks, on_policy, relation
 from llava_train.objectives.kd.teacher_batch import PixelMap, teacher_batch
@@ -37,6 +38,7 @@ from llava_train.objectives.lm import cross_entropy_sum, supervised_positions
 
 class KDOptions(ObjectiveOptions):
     teacher: str  # a llava_train checkpoint (RUN/checkpoints/step-N) or an exported transformers Llava folder
+    teacher_offload: bool = False  # keep the teacher's weights in CPU memory, moved to the GPU as it runs
     divergence: Divergence = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl
     beta: float = Field(0.5, ge=0, le=1)  # jsd: 0 is exactly forward KL, 1 reverse KL
     skew: float = Field(0.1, ge=0, lt=1)  # skew_*: the mixing weight
@@ -79,16 +81,17 @@ class KnowledgeDistillation(Objective):
 
     def __init__(self, options: KDOptions, build):
         super().__init__(options, build)
-        teacher, _ = load_any(options.teacher, build.zero3_config)
+        zero3, offload = build.zero3_config, options.teacher_offload
+        teacher, _ = load_any(options.teacher, with_param_offload(zero3) if offload and zero3 else zero3)
         checks.check_models(options, build.model, teacher)
-        self.add_frozen_model("teacher", teacher)
+        self.add_frozen_model("teacher", teacher, stream_with=build if offload and not zero3 else None)
         self.pixel_map = PixelMap.between(*checks.image_processors(build, options.teacher, teacher))
         self.pad_id = build.tokenizer.pad_token_id
         self.stop_ids = on_policy.stop_ids(build.tokenizer, build.recipe.data.template)
 
     @property
     def teacher(self):
-        return self.frozen["teacher"]
+        return self.frozen_model("teacher")
 
     def forward(self, model, batch) -> ObjectiveOutput:
         if on_policy.drawn(model, batch, self.options.on_policy):
