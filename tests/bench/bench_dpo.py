@@ -1,16 +1,21 @@
 """DPO on the demo task, per reference kind: preference and answer accuracy before/after, step time and memory.
 
     python tests/bench/bench_dpo.py [--workdir runs/bench_dpo] [--sft-steps 200] [--dpo-steps 200] [--lr 1e-3]
+                                    [--sft-weight 1] [--rejected model|drawn] [--kinds ...] [--no-control]
 
 1. Data: the demo's (tests/bench/demo_setup.py pins it: 6000 images at 48 px, shapes x1.75), and preference pairs
    (data_tools/demo_pairs) drawn like the demo's training images: a colour, count, shape or position question,
    chosen = the right answer, rejected = a hallucinated one; train and held-out pairs from disjoint image streams.
+   With `--rejected model` (default) the train pairs are relabelled as RLAIF-V labels the model's own responses:
+   where the SFT model answers a pair's question wrongly, its answer becomes the rejected one.
 2. The SFT model is the demo model (pretrain 150 steps) stopped early (`--sft-steps`, default 200 of the demo's 700),
    so it still answers some questions wrongly: there is something for DPO to fix. DPO from that checkpoint with
-   LoRA r 8 on the LM (the only trainable part), beta 0.1, once per reference kind, each run in its own process:
+   LoRA r 8 on the LM (the only trainable part), beta 0.1, an SFT term on the chosen answer (RPO, `--sft-weight`),
+   once per reference kind, each run in its own process:
    `separate` (the SFT checkpoint loaded as a frozen model), `adapters_off` (the policy with its LoRA disabled),
    `precomputed` (`llava-train dpo-precompute` first, timed apart; no reference model).
    The three references are the same function, so the three runs learn the same thing; only cost differs.
+   The control: the same steps of LoRA SFT on the SFT data (does DPO beat more of the same training?).
 3. Prints one table: preference accuracy on held-out pairs (the policy's own log p(chosen) > log p(rejected)),
    held-out answer accuracy (greedy, exact match) overall and per question type, median step time and peak memory
    (the process's peak RSS on CPU; CUDA's peak allocated on a GPU).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,16 +53,63 @@ def build_data(workdir: Path, args) -> Path:
     return data
 
 
-def dpo_recipe(data: Path, out: Path, steps: int, sft: Path, kind: str, args) -> dict:
-    raw = recipe(data, out, "sft", steps, init_from=sft, lr=args.lr, shards="pairs")
+def on_policy_pairs(sft: Path, data: Path) -> str:
+    """The train pairs relabelled RLAIF-V style: where the SFT model answers a pair's question wrongly, its own
+    answer is the rejected one (the hallucination it makes); elsewhere the drawn wrong answer stays.
+    Returns the shards' folder name under `data`."""
+    from data_tools.convert_records import record_members
+    from data_tools.demo_pairs import ANSWERS
+    from data_tools.shard_writer import ShardSink
+    from llava_train.evaluate.answer import EvalOptions
+    from llava_train.evaluate.checkpoint import evaluate_checkpoint
+    from llava_train.evaluate.questions import read_records
+
+    name = f"pairs_on_policy_{sft.parent.parent.name}"
+    if (data / name).is_dir():
+        return name
+    pairs = read_records([str(data / "pairs" / "shard-*.tar")])
+    shutil.rmtree(data / f"{name}_questions", ignore_errors=True)
+    questions = ShardSink(data / f"{name}_questions", "shard", 500, 1 << 30)
+    for raw in pairs:
+        pair = raw["json"]
+        turns = [{"from": "human", "value": pair["prompt"]}, {"from": "gpt", "value": pair["chosen"]}]
+        record = {"id": pair["id"], "conversations": turns, "meta": {**pair["meta"], "answer": pair["chosen"]}}
+        questions.add(record_members(raw["__key__"], record, [("png", raw["png"])]))
+    questions.close()
+    out = data / f"{name}_questions" / "eval"
+    evaluate_checkpoint(sft, [str(data / f"{name}_questions" / "shard-*.tar")],
+                        EvalOptions(batch_size=32, max_new_tokens=8), out_dir=out, progress=False)  # fmt: skip
+    said = {row["key"]: row["prediction"] for row in map(json.loads, (out / "predictions.jsonl").open())}
+    sink = ShardSink(data / f"{name}.partial", "shard", 250, 1 << 30)
+    for raw in pairs:
+        pair = dict(raw["json"])
+        answer = said[pair["id"]]
+        if answer != pair["chosen"] and answer in ANSWERS[pair["meta"]["qtype"]]:
+            pair["rejected"] = answer
+        sink.add(record_members(raw["__key__"], pair, [("png", raw["png"])]))
+    sink.close()
+    (data / f"{name}.partial").rename(data / name)  # whole or absent: a rerun reuses only a finished relabelling
+    return name
+
+
+def dpo_recipe(data: Path, out: Path, steps: int, sft: Path, kind: str, args, pairs: str = "pairs") -> dict:
+    raw = recipe(data, out, "sft", steps, init_from=sft, lr=args.lr, shards=pairs)
     objective = {"type": "dpo", "beta": args.beta, "sft_weight": args.sft_weight}
     if kind == "separate":
         objective["reference"] = str(sft)
     elif kind == "precomputed":
         objective["precomputed_reference"] = True
+    raw = lora_stage(raw)
+    raw["stage"]["objective"] = objective
+    raw["train"]["micro_batch_size"] = 8
+    return raw
+
+
+def lora_stage(raw: dict) -> dict:
+    """LoRA r 8 on the LM, the only trainable part."""
     raw["stage"].update(name="sft_lora", trainable={"vision": False, "connector": False}, lr={},
-                        lora={"r": 8, "alpha": 16, "dropout": 0.0}, objective=objective)  # fmt: skip
-    raw["train"].update(micro_batch_size=8, save_every=0, eval_every=0)
+                        lora={"r": 8, "alpha": 16, "dropout": 0.0})  # fmt: skip
+    raw["train"].update(save_every=0, eval_every=0)
     return raw
 
 
@@ -88,8 +141,7 @@ def step_stats(out: Path, warmup: int = 3) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step_time_s" in r]
     return {"step_s": statistics.median(r["step_time_s"] for r in steps[warmup:] or steps),
-            "peak_gb": max(r["peak_memory_gb"] for r in steps), "loss": steps[-1]["loss"],
-            "train_pref_acc": statistics.mean(r["objective/rewards/accuracy"] for r in steps[-5:])}  # fmt: skip
+            "peak_gb": max(r["peak_memory_gb"] for r in steps), "loss": steps[-1]["loss"]}  # fmt: skip
 
 
 def preference_accuracy(checkpoint: Path, shards: Path, data) -> dict:
@@ -126,8 +178,13 @@ def main() -> None:
     parser.add_argument("--dpo-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3, help="DPO's (LoRA) learning rate")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--sft-weight", type=float, default=0.0, help="RPO: an SFT term on the chosen answer")
+    parser.add_argument("--sft-weight", type=float, default=1.0,
+                        help="RPO: an SFT term on the chosen answer (0: plain DPO, which degenerates here: docs)")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--rejected", choices=("model", "drawn"), default="model",
+                        help="model: the SFT model's own wrong answer where it errs (RLAIF-V); drawn: a random one")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the control: LoRA SFT for the same steps on the SFT data")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -144,12 +201,19 @@ def main() -> None:
                 "pref": preference_accuracy(checkpoint, data / "heldout_pairs", recipe_data)}  # fmt: skip
 
     rows = {"sft (before)": scores(sft)}
+    if args.control:  # the same steps of plain SFT (LoRA, same lr) on the SFT data: does DPO beat more training?
+        raw = lora_stage(recipe(data, workdir / f"control_sft_lora_lr{args.lr:g}_{args.dpo_steps}", "sft",
+                                args.dpo_steps, init_from=sft, lr=args.lr))  # fmt: skip
+        checkpoint = train_in_subprocess(raw, workdir)
+        rows["sft + LoRA SFT (control)"] = {**scores(checkpoint), **step_stats(Path(raw["train"]["output_dir"]))}
+    pairs = on_policy_pairs(sft, data) if args.rejected == "model" else "pairs"
     for kind in args.kinds:
-        name = f"dpo_{kind}_lr{args.lr:g}_beta{args.beta:g}_sft{args.sft_weight:g}_{args.dpo_steps}"
-        raw = dpo_recipe(data, workdir / name, args.dpo_steps, sft, kind, args)
+        name = (f"dpo_{kind}_{args.rejected}_lr{args.lr:g}_beta{args.beta:g}_sft{args.sft_weight:g}_"
+                f"{args.dpo_steps}")  # fmt: skip
+        raw = dpo_recipe(data, workdir / name, args.dpo_steps, sft, kind, args, pairs)
         extra = {}
         if kind == "precomputed":
-            path = workdir / "dpo_precomputed.yaml"
+            path = workdir / f"{name}.yaml"
             path.write_text(yaml.safe_dump(raw))
             extra["precompute_s"] = llava_train("dpo-precompute", str(path))
         checkpoint = train_in_subprocess(raw, workdir)

@@ -1,7 +1,7 @@
 """Matryoshka on the demo: one MQT model at every budget against fixed-budget models and the mlp connector.
 
     python tests/bench/bench_matryoshka.py [--workdir runs/bench_matryoshka] [--steps 300] [--fixed 4,16] [--m3]
-                                           [--plot docs/techniques/matryoshka_budgets.png]
+                                           [--plot docs/techniques/matryoshka_budgets.png] [--setup image_tokens]
 
 Builds the demo data with explicit parameters (data_tools.demo_data), then trains, each for the same steps on the
 same samples (sft stage from scratch, tower trained, bf16 autocast, micro-batch `--batch`, no packing):
@@ -15,6 +15,13 @@ the medians), the training FLOPs per sample and the inference prefill FLOPs per 
 model: forward only, the mean eval prompt at that budget). Prints one table, writes WORKDIR/results.json and,
 with `--plot`, accuracy per qtype against budget. A finished variant's checkpoint is reused on a rerun.
 `--timing-only` stops after the step times and FLOPs (WORKDIR/timing.json): no training, no evaluation.
+
+`--setup` picks the regime. `small` (default): the 64 px demo of this bench's first runs (64 patch tokens, the
+tower trained, vicuna's system prompt): text is half of every sample. `image_tokens`: MQT-LLaVA's regime, where
+image tokens dominate: the demo's data (tests/bench/demo_setup.py: 48 px, no system prompt), 4 px patches
+(144 tokens) and a pretrained tower kept frozen (as MQT-LLaVA keeps CLIP): the tower comes from a 150-step
+pretrain of the `mlp` model at that patch size (captions, tower trained), saved as a tower folder every variant
+loads (`model.vision.path`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ VISION = {"model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, 
 LM = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
       "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": False}
 MQT = {"num_queries": 64, "heads": 4, "keys": "positions"}
+SETUPS = {  # see the docstring
+    "small": {"vision": VISION, "system_prompt": None, "tower_trained": True,
+              "data": dict(num_train=4000, image_size=64, seed=0, samples_per_shard=250)},
+    "image_tokens": {"vision": {**VISION, "image_size": 48, "patch_size": 4}, "system_prompt": "",
+                     "tower_trained": False, "data": None},  # data: demo_setup.DATA
+}  # fmt: skip
 SCALES = [64, 16, 4, 1]
 QTYPES = ("colour", "shape", "count", "position")
 
@@ -47,19 +60,38 @@ def variants(args) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def recipe(args, data: dict, name: str, connector: str, options: dict):
+def recipe(args, data: dict, name: str, connector: str, options: dict, stage: str = "sft"):
     from llava_train.recipe import validate_recipe
 
+    setup = SETUPS[args.setup]
+    vision = {"config": setup["vision"], "feature_layer": -1, "path": args.tower}
+    text = {} if setup["system_prompt"] is None else {"system_prompt": setup["system_prompt"]}
     return validate_recipe({
-        "model": {"vision": {"config": VISION, "feature_layer": -1}, "connector": {"type": connector, "options": options},
+        "model": {"vision": vision, "connector": {"type": connector, "options": options},
                   "lm": {"config": LM}, "tokenizer": str(data["tokenizer"])},
-        "stage": {"name": "sft", "trainable": {"vision": True}},
-        "data": {"train": [str(data["sft"] / "shard-*.tar")], "eval": [], "template": "vicuna_v1", "max_length": 256,
-                 "image_mode": "resize"},
+        "stage": {"name": stage, "trainable": {"vision": setup["tower_trained"] or stage == "pretrain"}},
+        "data": {"train": [str(data[stage] / "shard-*.tar")], "eval": [], "max_length": 256, "image_mode": "resize",
+                 "template": "plain" if stage == "pretrain" else "vicuna_v1", **text},
         "train": {"output_dir": str(args.workdir / name), "seed": 0, "micro_batch_size": args.batch, "lr": args.lr,
-                  "max_steps": args.steps, "precision": "bf16", "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
-                  "log_every": 10, "keep_last": 1, "progress_bar": False, "wandb": {"mode": "disabled"}},
-    })
+                  "max_steps": args.steps if stage == "sft" else 150, "precision": "bf16", "warmup_ratio": 0.05,
+                  "min_lr_ratio": 0.1, "log_every": 10, "keep_last": 1, "progress_bar": False,
+                  "wandb": {"mode": "disabled"}},
+    })  # fmt: skip
+
+
+def pretrained_tower(args, data) -> str | None:
+    """`image_tokens`: the tower of a 150-step `mlp` pretrain at this patch size, saved as a tower folder; a rerun
+    reuses it. `small`: None (every variant trains its own tower from scratch)."""
+    from llava_train.train.trainer import Trainer
+
+    if SETUPS[args.setup]["tower_trained"]:
+        return None
+    folder = args.workdir / "pretrained_tower"
+    if not (folder / "config.json").is_file():
+        trainer = Trainer(recipe(args, data, "tower_pretrain", "mlp", {}, stage="pretrain"))
+        trainer.train()
+        trainer.model.vision.encoder.save_pretrained(folder)
+    return str(folder)
 
 
 # ----------------------------------------------------------------------------- training and evaluation
@@ -166,8 +198,10 @@ def prefill_flops(point: Point, prompt_text_tokens: float) -> float:
     return frozen.lm(tokens, tokens, 1) + frozen.vision(1)
 
 
-def sample_examples(data, count: int):
+def sample_examples(data, count: int, system_prompt: str | None):
     """The first `count` sft samples, encoded for the model at hand (compact spans when its count varies)."""
+    text = {} if system_prompt is None else {"system_prompt": system_prompt}
+
     def examples(model, tokenizer):
         from itertools import islice
 
@@ -176,7 +210,7 @@ def sample_examples(data, count: int):
         from llava_train.recipe import DataConfig
 
         cfg = DataConfig(train=[str(data["sft"] / "shard-*.tar")], template="vicuna_v1", max_length=256,
-                         image_mode="resize")
+                         image_mode="resize", **text)
         stream = ShardStream(expand_urls(cfg.train), pipeline.make_encoder(cfg, tokenizer, model), shuffle=False,
                              loop=False)
         return list(islice(iter(stream), count))
@@ -184,7 +218,7 @@ def sample_examples(data, count: int):
     return examples
 
 
-def mean_prompt_text_tokens(data, limit: int) -> float:
+def mean_prompt_text_tokens(data, limit: int, setup: dict) -> float:
     """Text tokens of the mean held-out prompt (its image spans excluded), as `llava-train eval` encodes it."""
     from llava_train.evaluate.checkpoint import Prompting, encode_questions
     from llava_train.evaluate.questions import read_records
@@ -192,10 +226,12 @@ def mean_prompt_text_tokens(data, limit: int) -> float:
     from llava_train.recipe import ModelConfig
 
     tokenizer = load_tokenizer(str(data["tokenizer"]))
-    model = build_model(ModelConfig(vision={"config": VISION}, lm={"config": LM}, tokenizer="unused",
+    model = build_model(ModelConfig(vision={"config": setup["vision"]}, lm={"config": LM}, tokenizer="unused",
                                     connector={"type": "matryoshka_query", "options": MQT}), tokenizer)
     records = read_records([str(data["eval"] / "shard-*.tar")], limit)
-    questions, _, _ = encode_questions(records, Prompting("vicuna_v1", {"image_mode": "resize"}), tokenizer, model)
+    text = {} if setup["system_prompt"] is None else {"system_prompt": setup["system_prompt"]}
+    prompting = Prompting("vicuna_v1", {"image_mode": "resize", **text})
+    questions, _, _ = encode_questions(records, prompting, tokenizer, model)
     return statistics.mean(len(q.example) - len(q.example.image_slots) for q in questions)
 
 
@@ -242,7 +278,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*fixed), "D", markersize=8, label="mqt trained at that budget only")
         ax.plot([r["tokens"] for r in rows if r["variant"] == "mlp"],
                 [accuracy(r["eval"], qtype) for r in rows if r["variant"] == "mlp"], "*", markersize=12,
-                label="mlp connector (64 tokens)")
+                label="mlp connector (every patch token)")
         ax.set_xscale("log", base=2)
         ticks = sorted({r["tokens"] for r in rows})
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -277,27 +313,34 @@ def main() -> None:
     parser.add_argument("--budgets", type=lambda s: [int(b) for b in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64],
                         help="budgets the MQT model is evaluated and timed at")
     parser.add_argument("--m3", action="store_true", help="also M3 scale_mode sample against average")
-    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--train-samples", type=int, default=None, help="default: the setup's")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per (variant, budget), interleaved")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--timing-only", action="store_true", help="step time and FLOPs only: no training, no eval")
+    parser.add_argument("--setup", choices=sorted(SETUPS), default="small", help="the regime (see the docstring)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from data_tools.demo_data import build_demo_data
+    from demo_setup import DATA
 
+    setup = SETUPS[args.setup]
     args.workdir.mkdir(parents=True, exist_ok=True)
-    data = build_demo_data(args.workdir / "data", num_train=args.train_samples, num_eval=args.eval_samples,
-                           image_size=VISION["image_size"], seed=0, samples_per_shard=250)
+    sizes = dict(setup["data"] or DATA, num_eval=args.eval_samples)
+    if args.train_samples:
+        sizes["num_train"] = args.train_samples
+    data = build_demo_data(args.workdir / "data", **sizes)
+    args.tower = None  # pretrained_tower's own pretrain builds its tower from scratch
+    args.tower = pretrained_tower(args, data)
     specs = variants(args)
-    examples = sample_examples(data, args.batch)
+    examples = sample_examples(data, args.batch, setup["system_prompt"])
     timed = [("mlp", None)] + [("mqt", m) for m in sorted(set(args.budgets) | set(args.fixed))]
     if args.m3:
         timed += [("m3_sample", s) for s in SCALES] + [("m3_average", max(SCALES))]
     points = {(name, b): Point(args, data, name, *specs[name], b, examples) for name, b in timed}
     time_points(list(points.values()), args.rounds)
-    text_tokens = mean_prompt_text_tokens(data, args.eval_samples)
+    text_tokens = mean_prompt_text_tokens(data, args.eval_samples, setup)
     print(f"\nstep time over {args.rounds} interleaved steps of {args.batch} samples; mean held-out prompt "
           f"{text_tokens:.1f} text tokens + the visual tokens")
     report(args, specs, points, text_tokens, {}, "timing.json")
