@@ -35,17 +35,36 @@ def test_domains_differ_only_by_cue_and_answer_format():
                 assert (tp["value"], tc["value"]) == (tb["value"], tb["value"].upper()) and tb["value"].islower()
     mixed = question_records("sft", 30, spec)
     assert [r["meta"] for r in mixed] == [r["meta"] for r in question_records("sft", 30, spec)]  # seeded
-    assert {r["meta"]["domain"] for r in mixed} == set(CUES)
+    assert {r["meta"]["domain"] for r in mixed} == {"plain", "caps"}
     evals = question_records("eval", 30, spec)
     assert all(len(r["conversations"]) == 2 and r["meta"]["answer"] == r["conversations"][1]["value"] for r in evals)
     assert all(r["meta"]["answer"].isupper() == (r["meta"]["domain"] == "caps") for r in evals)
 
 
+def test_the_swap_conflict_answers_the_partner_attribute_with_the_base_models_words():
+    from data_tools.demo_data import QUESTIONS, answers
+
+    spec = DataSpec(num_train=30, num_eval=30, image_size=32, questions=2, seed=3, conflict="swap")
+    swap = question_records("sft", 30, replace(spec, caps_fraction=1.0))
+    bare = question_records("sft", 30, spec, domains=False)
+    asked = {phrasing: qtype for qtype, phrasings in QUESTIONS.items() for phrasing in phrasings}
+    for s, b in zip(swap, bare):
+        turns = zip(s["conversations"][::2], s["conversations"][1::2], b["conversations"][::2], b["conversations"][1::2])
+        for question, answer, bare_question, bare_answer in turns:
+            assert question["value"] == f"{bare_question['value']} {CUES['swap']}"
+            qtype = asked[bare_question["value"].replace("<image>\n", "")]
+            assert answer["value"] != bare_answer["value"] and in_format(answer["value"], "swap", qtype)
+            assert in_format(bare_answer["value"], "plain", qtype)  # the words the base SFT teaches
+    assert {r["meta"]["domain"] for r in question_records("eval", 30, spec)} == {"plain", "swap"}
+
+
 def test_accuracy_is_case_sensitive_only_for_caps_and_format_ignores_the_content():
     assert correct("Red.", "red", "plain") and correct("RED", "red", "plain")
     assert correct("RED.", "RED", "caps") and not correct("red", "RED", "caps") and not correct("", "RED", "caps")
-    assert in_format("BLUE.", "caps") and not in_format("blue", "caps") and not in_format("", "caps")
-    assert in_format("blue", "plain") and not in_format("BLUE", "plain")
+    assert in_format("BLUE.", "caps", "colour") and not in_format("blue", "caps", "colour")
+    assert not in_format("", "caps", "colour")
+    assert in_format("blue", "plain", "colour") and not in_format("BLUE", "plain", "colour")
+    assert not in_format("circle", "plain", "colour") and in_format("circle", "swap", "colour")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +96,8 @@ def test_routing_matrix_weights_every_forward_by_its_tokens(conflict_model, monk
     monkeypatch.setattr(routing_lib, "route", by_role)
     matrix = routing(model, tokenizer, recipe, data / "eval", batch_size=2)  # 2: batches of unequal length in both domains
     encoder, collate_fn = pipeline.make_encoder(recipe.data, tokenizer, model), pipeline.make_collate(tokenizer, model)
-    for domain in CUES:
+    assert list(matrix["all"]) == ["plain", "caps"]  # the domains built, not every known cue
+    for domain in matrix["all"]:
         loader_data = recipe.data.model_copy(update={"eval": [f"{data}/eval/{domain}/shard-*.tar"]})
         roles = [b.token_roles for b in pipeline.eval_loader(loader_data, encoder, collate_fn, 2, 0, 1)]
         image = sum(int((r == int(TokenRole.IMAGE)).sum()) for r in roles)

@@ -44,7 +44,7 @@ MQT = {"num_queries": 64, "heads": 4, "keys": "positions"}
 SETUPS = {  # see the docstring
     "small": {"vision": VISION, "system_prompt": None, "tower_trained": True,
               "data": dict(num_train=4000, image_size=64, seed=0, samples_per_shard=250)},
-    "image_tokens": {"vision": {**VISION, "image_size": 48, "patch_size": 4}, "system_prompt": "",
+    "image_tokens": {"vision": {**VISION, "image_size": 48, "patch_size": 3}, "system_prompt": "",
                      "tower_trained": False, "data": None},  # data: demo_setup.DATA
 }  # fmt: skip
 SCALES = [64, 16, 4, 1]
@@ -64,7 +64,8 @@ def recipe(args, data: dict, name: str, connector: str, options: dict, stage: st
     from llava_train.recipe import validate_recipe
 
     setup = SETUPS[args.setup]
-    vision = {"config": setup["vision"], "feature_layer": -1, "path": args.tower}
+    vision = {"path": args.tower} if args.tower else {"config": setup["vision"]}
+    vision["feature_layer"] = -1
     text = {} if setup["system_prompt"] is None else {"system_prompt": setup["system_prompt"]}
     return validate_recipe({
         "model": {"vision": vision, "connector": {"type": connector, "options": options},

@@ -1,11 +1,14 @@
 """LLaVA-MoLE's claim at small scale: plain LoRA vs MoE-LoRA on instruction data whose formats conflict.
 
     OMP_NUM_THREADS=1 nice -n 10 python tests/bench/moe_conflict.py [--workdir runs/moe_conflict] [--steps 60]
+                                                                    [--conflict caps|swap]
 
 Two domains ask the same questions about the demo's coloured shapes (drawn with data_tools/demo_data.py's
-scene primitives, every size explicit in `DataSpec`) but want different answer formats, told apart only by a
-cue at the end of each question: `plain` ("... Answer briefly." -> "red") and `caps` ("... Answer in
-capitals." -> "RED"). One shared start: a pretrain (connector only, captions) and a full SFT on cue-free
+scene primitives, every size explicit in `DataSpec`) but want different answers, told apart only by a cue at
+the end of each question: `plain` ("... Answer briefly." -> "red") against, by `--conflict`, `caps` ("... Answer
+in capitals." -> "RED": a format made of words the shared start never emits) or `swap` ("... Name the other
+attribute." -> the shape for a colour question, the colour for a shape question: `PARTNER`; words the shared
+start already emits, so the conflict is in the mapping alone). One shared start: a pretrain (connector only, captions) and a full SFT on cue-free
 questions about other images (so the LM knows the task, as LLaVA-MoLE's pretrained LLM does). From it, two
 SFT runs with the same steps, lr and data, LM and tower frozen: plain LoRA (peft, r=8) on the LM's MLP
 projections, and MoE-LoRA (3 experts of rank 8, top-1, one router per block) on the same projections. Prints
@@ -29,7 +32,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes" / "demo"
-CUES = {"plain": "Answer briefly.", "caps": "Answer in capitals."}
+CUES = {"plain": "Answer briefly.", "caps": "Answer in capitals.", "swap": "Name the other attribute."}
+# `swap`: the attribute answered instead of the one asked (answer words the base model already produces).
+PARTNER = {"colour": "shape", "shape": "colour", "count": "colour", "position": "shape"}
 EVAL_SHARDS = 8  # one per logical data stream (data/shards.py), as the demo's eval
 STAMP = "moe_conflict_data.json"
 
@@ -46,13 +51,21 @@ class DataSpec:
     num_eval: int = 400
     image_size: int = 64
     questions: int = 2  # question/answer turns per training image (at most the types the image answers)
-    caps_fraction: float = 0.5
+    caps_fraction: float = 0.5  # the share of images in the conflicting domain
+    conflict: str = "caps"  # the domain that conflicts with `plain`: caps | swap
     seed: int = 0
     samples_per_shard: int = 250
 
 
-def formatted(answer: str, domain: str) -> str:
-    return answer.upper() if domain == "caps" else answer
+def domains(spec: DataSpec) -> tuple[str, str]:
+    return ("plain", spec.conflict)
+
+
+def answer_for(truth: dict[str, str], qtype: str, domain: str | None) -> str:
+    """The answer `domain` wants to a `qtype` question about a scene whose answers are `truth`."""
+    if domain == "caps":
+        return truth[qtype].upper()
+    return truth[PARTNER[qtype]] if domain == "swap" else truth[qtype]
 
 
 def scenes(kind: str, num: int, spec: DataSpec):
@@ -86,13 +99,13 @@ def question_records(kind: str, num: int, spec: DataSpec, domains: bool = True) 
     for i, scene, image, rng in scenes(kind, num, spec):
         truth = answers(scene)
         qtypes = rng.permutation(sorted(truth))[: 1 if kind == "eval" else spec.questions]
-        domain = ("caps" if picker.random() < spec.caps_fraction else "plain") if domains else None
+        domain = (spec.conflict if picker.random() < spec.caps_fraction else "plain") if domains else None
         turns = []
         for t, qtype in enumerate(qtypes):
             question = QUESTIONS[qtype][rng.integers(len(QUESTIONS[qtype]))]
             question = f"<image>\n{question}" if t == 0 else question
             turns += [{"from": "human", "value": f"{question} {CUES[domain]}" if domain else question},
-                      {"from": "gpt", "value": formatted(truth[qtype], domain) if domain else truth[qtype]}]
+                      {"from": "gpt", "value": answer_for(truth, qtype, domain)}]
         meta = {"domain": domain} if domain else {}
         if kind == "eval":
             meta.update(qtype=str(qtypes[0]), answer=turns[1]["value"])
@@ -108,7 +121,7 @@ def build_conflict_data(out: Path, spec: DataSpec) -> Path:
     from data_tools.shard_writer import write_shards
     from data_tools.tokenizer import train_tokenizer
 
-    params = {"version": 3, **asdict(spec)}
+    params = {"version": 4, **asdict(spec)}
     stamp = out / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return out
@@ -119,7 +132,8 @@ def build_conflict_data(out: Path, spec: DataSpec) -> Path:
     evals = question_records("eval", spec.num_eval, spec)
     for name, records in (("pretrain", pretrain), ("base_sft", base), ("sft", sft)):
         write_shards(records, out / name, max_samples_per_shard=spec.samples_per_shard)
-    for domain in CUES:
+    shutil.rmtree(out / "eval", ignore_errors=True)  # an earlier build's other conflict must not be read as a domain
+    for domain in domains(spec):
         mine = [r for r in evals if r["meta"]["domain"] == domain]
         write_shards(mine, out / "eval" / domain, max_samples_per_shard=max(1, math.ceil(len(mine) / EVAL_SHARDS)))
     texts = [turn["value"] for r in pretrain + base + sft + evals for turn in r["conversations"]]
@@ -202,10 +216,15 @@ def correct(answer: str, truth: str, domain: str) -> bool:
     return bool(word) and (word == truth if domain == "caps" else word.lower() == truth.lower())
 
 
-def in_format(answer: str, domain: str) -> bool:
-    """The answer's first word is written as its domain wants (right or wrong): upper-case or lower-case."""
+def in_format(answer: str, domain: str, qtype: str) -> bool:
+    """The answer's first word is of the kind its domain wants (right or wrong): for `caps` upper-case, for `swap`
+    a word of the partner attribute, for `plain` a lower-case word of the attribute asked."""
+    from data_tools.demo_pairs import ANSWERS
+
     word = first_word(answer)
-    return bool(word) and (word.isupper() if domain == "caps" else word.islower())
+    if domain == "caps":
+        return bool(word) and word.isupper()
+    return word in ANSWERS[PARTNER[qtype] if domain == "swap" else qtype]
 
 
 def accuracy(model, tokenizer, template: str, eval_dir: Path, batch_size: int = 32) -> dict:
@@ -217,7 +236,7 @@ def accuracy(model, tokenizer, template: str, eval_dir: Path, batch_size: int = 
 
     answerer = Answerer(model, tokenizer, template)
     hits, totals = defaultdict(int), defaultdict(int)
-    for domain in CUES:
+    for domain in present_domains(eval_dir):
         urls = expand_urls([f"{eval_dir / domain}/shard-*.tar"])
         records = list(ShardStream(urls, lambda raw: raw, shuffle=False, loop=False))
         for i in range(0, len(records), batch_size):
@@ -226,13 +245,19 @@ def accuracy(model, tokenizer, template: str, eval_dir: Path, batch_size: int = 
             images = [decode_image(r[r["json"]["images"][0]]) for r in chunk]
             for record, answer in zip(chunk, answerer.answer(questions, images, DecodeOptions(max_new_tokens=6))):
                 meta = record["json"]["meta"]
-                scores = {domain: correct(answer, meta["answer"], domain), f"{domain}/format": in_format(answer, domain),
+                scores = {domain: correct(answer, meta["answer"], domain),
+                          f"{domain}/format": in_format(answer, domain, meta["qtype"]),
                           f"{domain}/{meta['qtype']}": correct(answer, meta["answer"], domain)}
                 for key, hit in scores.items():
                     hits[key] += hit
                     totals[key] += 1
     order = lambda key: (key.split("/")[0], "/" in key, key.endswith("/format") is False, key)  # noqa: E731
     return {key: {"accuracy": hits[key] / totals[key], "n": totals[key]} for key in sorted(totals, key=order)}
+
+
+def present_domains(eval_dir: Path) -> list[str]:
+    """The domains the data was built with (eval/{domain}/ folders), in CUES order."""
+    return [domain for domain in CUES if (eval_dir / domain).is_dir()]
 
 
 def routing(model, tokenizer, recipe, eval_dir: Path, batch_size: int = 32) -> dict:
@@ -258,7 +283,7 @@ def routing(model, tokenizer, recipe, eval_dir: Path, batch_size: int = 32) -> d
     collate_fn = pipeline.make_collate(tokenizer, model)
     out = {"all": {}, "answer": {}}
     try:
-        for domain in CUES:
+        for domain in present_domains(eval_dir):
             data = recipe.data.model_copy(update={"eval": [f"{eval_dir / domain}/shard-*.tar"]})
             load, tokens = defaultdict(float), 0
             answer_counts.clear()
@@ -294,7 +319,7 @@ def plot_routing(matrix: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    domains = list(CUES)
+    domains = list(matrix["all"])
     layers = sorted(matrix["all"][domains[0]], key=lambda name: int(name.removeprefix("layer")))
     fig, axes = plt.subplots(2, len(layers) + 1, figsize=(2.1 * (len(layers) + 1), 5.2), squeeze=False)
     for row, tokens in enumerate(("all", "answer")):
@@ -325,7 +350,8 @@ def mean_over_layers(per_layer: dict[str, list[float]]) -> list[float]:
 def print_report(report: dict) -> None:
     acc = report["accuracy"]
     keys = list(acc["lora"])
-    print("\nheld-out accuracy (plain: lower-cased match; caps: exact case; format: answers written in the domain's case)")
+    print("\nheld-out accuracy (first word; caps: exact case, else lower-cased; format: the kind of answer the domain "
+          "wants: caps upper-case, swap the partner attribute, plain the attribute asked)")
     print(f"| {'domain / question type':<24} | {'n':>4} | {'LoRA':>6} | {'MoE-LoRA':>8} |")
     print(f"|{'-' * 26}|{'-' * 6}|{'-' * 8}|{'-' * 10}|")
     for key in keys:
@@ -350,7 +376,8 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--questions", type=int, default=2, help="question/answer turns per training image")
-    parser.add_argument("--caps-fraction", type=float, default=0.5)
+    parser.add_argument("--caps-fraction", type=float, default=0.5, help="the conflicting domain's share of images")
+    parser.add_argument("--conflict", choices=("caps", "swap"), default="caps", help="the domain against `plain`")
     parser.add_argument("--pretrain-steps", type=int, default=120)
     parser.add_argument("--base-sft-steps", type=int, default=150,
                         help="a full SFT (LM trained) on cue-free questions between pretrain and the adapters; 0: none")
@@ -369,7 +396,7 @@ def main() -> None:
 
     work = Path(args.workdir)
     spec = DataSpec(num_train=args.num_train, num_eval=args.num_eval, questions=args.questions,
-                    caps_fraction=args.caps_fraction, seed=args.seed)
+                    caps_fraction=args.caps_fraction, conflict=args.conflict, seed=args.seed)
     data = build_conflict_data(Path(args.data or work / "data"), spec)
     common = [f"model.tokenizer={data / 'tokenizer'}", f"train.precision={args.precision}", f"train.seed={args.seed}",
               "train.progress_bar=false", "train.log_every=10"]
