@@ -71,7 +71,7 @@ def recipe(args, data: dict, name: str, connector: str, options: dict, stage: st
         "model": {"vision": vision, "connector": {"type": connector, "options": options},
                   "lm": {"config": LM}, "tokenizer": str(data["tokenizer"])},
         "stage": {"name": stage, "trainable": {"vision": setup["tower_trained"] or stage == "pretrain"}},
-        "data": {"train": [str(data[stage] / "shard-*.tar")], "eval": [], "max_length": 256, "image_mode": "resize",
+        "data": {"train": [str(data[stage] / "shard-*.tar")], "eval": [], "max_length": 512, "image_mode": "resize",
                  "template": "plain" if stage == "pretrain" else "vicuna_v1", **text},
         "train": {"output_dir": str(args.workdir / name), "seed": 0, "micro_batch_size": args.batch, "lr": args.lr,
                   "max_steps": args.steps if stage == "sft" else 150, "precision": "bf16", "warmup_ratio": 0.05,
@@ -210,7 +210,7 @@ def sample_examples(data, count: int, system_prompt: str | None):
         from llava_train.data.shards import ShardStream, expand_urls
         from llava_train.recipe import DataConfig
 
-        cfg = DataConfig(train=[str(data["sft"] / "shard-*.tar")], template="vicuna_v1", max_length=256,
+        cfg = DataConfig(train=[str(data["sft"] / "shard-*.tar")], template="vicuna_v1", max_length=512,
                          image_mode="resize", **text)
         stream = ShardStream(expand_urls(cfg.train), pipeline.make_encoder(cfg, tokenizer, model), shuffle=False,
                              loop=False)

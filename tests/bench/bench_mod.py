@@ -2,7 +2,7 @@
 
     python tests/bench/bench_mod.py [--workdir runs/bench_mod] [--pretrain-steps 150] [--sft-steps 700]
                                     [--num-train 6000] [--num-eval 400] [--threads 2]
-    python tests/bench/bench_mod.py --costs-only [--rounds 5]   # no training: cost ratios only
+    python tests/bench/bench_mod.py --costs-only [--rounds 5] [--set KEY=VALUE ...]   # no training: cost ratios only
 
 One run, side by side: held-out accuracy per question type, the median training step time (steps after the
 first 5, from metrics.jsonl), inference prefill FLOPs of the LM (StepFlops with every weight frozen: a forward
@@ -13,7 +13,8 @@ this bench (48 px, shapes 1.75x; the defaults are the demo's schedule), so a ret
 `--costs-only` trains nothing: both variants get the same random-init weights (the demo recipes' model), and
 it reports the prefill FLOPs and KV-cache ratios (which depend only on the token counts each layer keeps), the
 training-step model FLOPs ratio, and the step-time ratio from forward + backward on the same SFT micro-batches,
-the two variants alternating round by round (so a busy machine slows both alike).
+the two variants alternating round by round (so a busy machine slows both alike). `--set` overrides recipe keys
+of both variants (e.g. a wider, deeper LM and finer patches: the regime where a layer's matmuls dominate).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def prefill_costs(model, tokenizer, data, eval_dir: Path, limit: int) -> dict:
     return {"prompts": limit, "prompt_tokens": tokens, "lm_prefill_flops": lm_flops, "kv_slots": kv_slots}
 
 
-def build_variant(recipe_path: Path, workdir: Path):
+def build_variant(recipe_path: Path, workdir: Path, overrides: list[str] = ()):
     import torch
 
     from llava_train.demo import demo_overrides
@@ -102,7 +103,7 @@ def build_variant(recipe_path: Path, workdir: Path):
     from llava_train.modules.attach import attach_modules, release_module_parameters
     from llava_train.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, demo_overrides(workdir, "sft", None) + ["stage.init_from=null"])
+    recipe = load_recipe(recipe_path, demo_overrides(workdir, "sft", None) + ["stage.init_from=null", *overrides])
     tokenizer = load_tokenizer(recipe.model.tokenizer)
     torch.manual_seed(0)
     model = build_model(recipe.model, tokenizer)
@@ -129,7 +130,7 @@ def costs_only(args, workdir: Path) -> None:
     from llava_train.objectives.lm import cross_entropy_sum
     from llava_train.train.flops import StepFlops
 
-    models = {name: build_variant(path, workdir) for name, path in VARIANTS.items()}
+    models = {name: build_variant(path, workdir, args.set) for name, path in VARIANTS.items()}
     recipe, dense, tokenizer = models["dense"]
     batches = sft_batches(recipe, dense, tokenizer, workdir, args.batches, recipe.train.micro_batch_size)
     results = {name: {"train_step_flops": sum(StepFlops.for_model(m).for_batch(b) for b in batches), "times": []}
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--costs-only", action="store_true", help="no training: cost ratios on random-init weights")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="--costs-only: recipe overrides")
     args = parser.parse_args()
 
     import torch
