@@ -76,6 +76,37 @@ def test_an_adapters_disabled_reference_refuses_other_trainable_parts(demo_data,
     validate_recipe(recipe)
 
 
+def test_a_pairs_image_is_encoded_once_and_both_members_read_the_same_features(demo_data, tmp_path, pair_shards):  # noqa: F811
+    """The tower sees each pair's image once; hidden states and the tower's gradients equal encoding every member's
+    copy (the copies are equal pixels, so the features are the same function of them)."""
+    from llava_train.data.batch import Batch
+
+    trainer = Trainer(validate_recipe(dpo_recipe(demo_data, tmp_path, pair_shards, micro_batch_size=6)))
+    model = trainer.model
+    batch = next(iter(trainer.loader))
+    assert batch.pixel_values is not None and batch.pixel_values.shape[0] > batch.num_groups - 1
+    model.vision.requires_grad_(True)
+    seen, results = [], {}
+    hook = model.vision.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    for shared in (True, False):
+        model.zero_grad(set_to_none=True)
+        seen.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            if not shared:
+                patch.setattr(Batch, "image_copies", lambda self: None)
+            hidden = model(batch).hidden_states
+            hidden.float().square().mean().backward()
+        results[shared] = (hidden.detach(), {n: p.grad.clone() for n, p in model.vision.named_parameters() if p.grad is not None},
+                           seen[0])  # fmt: skip
+    hook.remove()
+    (shared_hidden, shared_grads, shared_images), (plain_hidden, plain_grads, plain_images) = results[True], results[False]
+    assert plain_images == batch.pixel_values.shape[0] and shared_images == plain_images // 2  # one per pair
+    torch.testing.assert_close(shared_hidden, plain_hidden, rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_two_ranks_times_two_pairs_equal_one_rank_times_four(demo_data, tmp_path, pair_shards):  # noqa: F811
     from tests.test_distributed import launch

@@ -114,6 +114,22 @@ class Batch:
     def num_groups(self) -> int:
         return int(self.group_index.max()) + 1 if self.group_index.numel() else 0
 
+    def image_copies(self) -> torch.Tensor | None:
+        """For each image, the index of the first image equal to it within its group (a preference pair's members
+        carry the same images); None when no image repeats. Pixels are compared, so only true copies count."""
+        if self.pixel_values is None or self.num_groups >= self.num_samples:
+            return None  # every group has one member: nothing to share
+        groups = self.group_index[self.image_sample_index].tolist()
+        source, firsts = list(range(len(groups))), {}
+        for image, group in enumerate(groups):
+            for earlier in firsts.get(group, []):
+                if torch.equal(self.pixel_values[image], self.pixel_values[earlier]):
+                    source[image] = earlier
+                    break
+            else:
+                firsts.setdefault(group, []).append(image)
+        return None if source == list(range(len(groups))) else torch.tensor(source)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         """Tensors to `device`; `dtype` applies to the pixels only."""
         moved = {

@@ -82,7 +82,7 @@ class MultimodalLM(nn.Module):
             if image_slots.any():
                 raise ValueError("batch has <image> placeholder tokens but no pixel_values")
             return embeds + 0.0 * visual.sum().to(embeds.dtype)
-        visual = self.encode_images(batch.pixel_values.to(self._vision_dtype()), batch.visual_budget)
+        visual = self._encode_batch_images(batch)
         expected = visual.shape[0] * visual.shape[1]
         found = int(image_slots.sum())
         if found != expected:
@@ -92,6 +92,17 @@ class MultimodalLM(nn.Module):
                 "to the connector's visual_tokens().num_tokens(budget) (collate_rows(tokens_per_image=...))"
             )
         return embeds.masked_scatter(image_slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def _encode_batch_images(self, batch: Batch) -> torch.Tensor:
+        """The batch's images through tower and connector, each group's copies of an image (a preference pair's
+        chosen and rejected) encoded once and shared: the same features, half the tower's work for pairs."""
+        pixels = batch.pixel_values.to(self._vision_dtype())
+        copies = batch.image_copies()
+        if copies is None:
+            return self.encode_images(pixels, batch.visual_budget)
+        unique, inverse = torch.unique(copies, return_inverse=True)
+        encoded = self.encode_images(pixels[unique.to(pixels.device)], batch.visual_budget)
+        return encoded[inverse.to(encoded.device)]
 
     def forward(self, batch: Batch) -> ModelOutput:
         with context.activate(self.forward_context(batch)) as ctx:
