@@ -14,7 +14,8 @@ this bench (48 px, shapes 1.75x; the defaults are the demo's schedule), so a ret
 it reports the prefill FLOPs and KV-cache ratios (which depend only on the token counts each layer keeps), the
 training-step model FLOPs ratio, and the step-time ratio from forward + backward on the same SFT micro-batches,
 the two variants alternating round by round (so a busy machine slows both alike). `--set` overrides recipe keys
-of both variants (e.g. a wider, deeper LM and finer patches: the regime where a layer's matmuls dominate).
+of every stage and both variants (e.g. a deeper LM; with --costs-only a wider one and finer patches too: the
+regime where a layer's matmuls dominate).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--costs-only", action="store_true", help="no training: cost ratios on random-init weights")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="--costs-only: recipe overrides")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides of every stage")
     args = parser.parse_args()
 
     import torch
@@ -185,11 +186,13 @@ def main() -> None:
                     seed=0, samples_per_shard=250)
     if args.costs_only:
         return costs_only(args, workdir)
-    pretrain, _ = train(REPO / "recipes/demo/pretrain.yaml", workdir, "pretrain", "pretrain", args.pretrain_steps, [])
+    pretrain, _ = train(REPO / "recipes/demo/pretrain.yaml", workdir, "pretrain", "pretrain", args.pretrain_steps,
+                        args.set)  # fmt: skip
     results = {}
     for name, recipe in VARIANTS.items():
         stage = f"sft_{name.lower().replace('-', '')}"
-        run, trained = train(recipe, workdir, stage, "sft", args.sft_steps, [f"stage.init_from={pretrain.checkpoint}"])
+        run, trained = train(recipe, workdir, stage, "sft", args.sft_steps,
+                             [f"stage.init_from={pretrain.checkpoint}", *args.set])  # fmt: skip
         report = evaluate_accuracy(run.checkpoint, workdir / "data" / "eval", template="vicuna_v1")
         results[name] = {
             "accuracy": report["accuracy"],
