@@ -54,13 +54,17 @@ def recorded_prompting(checkpoint: str | Path) -> Recorded:
 
 
 def checkpoint_prompting(checkpoint: str | Path, vision_config) -> Prompting:
-    folder = model_files_dir(checkpoint)
     recorded = recorded_prompting(checkpoint)
     mode = recorded.data.get("image_mode") or "pad"
-    images = None
-    if mode != "anyres":
-        images = ImageProcessor.from_vision_config(vision_config, mode, _processor_folder(folder, recorded.recipe))
+    images = None if mode == "anyres" else _recorded_images(checkpoint, recorded, vision_config)
     return Prompting(recorded.template or "vicuna_v1", recorded.system_prompt, mode, images)
+
+
+def _recorded_images(checkpoint: str | Path, recorded: Recorded, vision_config) -> ImageProcessor:
+    """The checkpoint's image settings (for anyres, those of its tiles: `pad`)."""
+    mode = recorded.data.get("image_mode") or "pad"
+    tower = _processor_folder(model_files_dir(checkpoint), recorded.recipe)
+    return ImageProcessor.from_vision_config(vision_config, "pad" if mode == "anyres" else mode, tower)
 
 
 def image_processor_of(path: str | Path, vision_config) -> ImageProcessor:
@@ -70,10 +74,7 @@ def image_processor_of(path: str | Path, vision_config) -> ImageProcessor:
 
     if is_hf_llava_folder(path):  # an exported folder holds preprocessor_config.json beside config.json
         return ImageProcessor.from_vision_config(vision_config, "pad", local_path=path)
-    folder = model_files_dir(path)
-    mode = recorded_prompting(path).data.get("image_mode") or "pad"
-    tower = _processor_folder(folder, recorded_prompting(path).recipe)
-    return ImageProcessor.from_vision_config(vision_config, "pad" if mode == "anyres" else mode, tower)
+    return _recorded_images(path, recorded_prompting(path), vision_config)
 
 
 def _model_meta(checkpoint: Path) -> dict:

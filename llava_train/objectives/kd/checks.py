@@ -111,13 +111,12 @@ def check_models(options, student, teacher) -> None:
 
 def image_processors(build, teacher_path: str, teacher) -> tuple:
     """(student's, teacher's) image settings: what each tower was trained to read."""
-    from llava_train.data.images import ImageProcessor
+    from llava_train.data import pipeline
     from llava_train.model.prompting import image_processor_of
 
     recipe = build.recipe
-    mode = "pad" if recipe.data.image_mode == "anyres" else recipe.data.image_mode
-    student = ImageProcessor.from_vision_config(build.model.vision.config, mode, recipe.model.vision.path)
-    return student, image_processor_of(teacher_path, teacher.vision.config)
+    student = pipeline.make_encoder(recipe.data, build.tokenizer, build.model, recipe.model.vision.path)
+    return student.image_processor, image_processor_of(teacher_path, teacher.vision.config)
 
 
 def _rows(weight) -> int:
